@@ -1,0 +1,123 @@
+"""Fixtures: a tiny real checkpoint, a real ``xinference-local``, and launches through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+EXTENSION = "xinf_llama_vision.extension:create"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(home: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        XINFERENCE_HOME=str(home),
+        XINFERENCE_AUTH_ADVANCED="false",
+        XINFERENCE_EXTENSIONS=EXTENSION,
+        XINFERENCE_DISABLE_METRICS="1",
+        HF_HUB_OFFLINE="1",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+    )
+    return env
+
+
+class Server:
+    """A real Xinference process tree on loopback, stopped with its whole process group."""
+
+    def __init__(self, args, env, log: Path, endpoint: str):
+        self.endpoint = endpoint
+        self.env = env
+        self.log = log
+        self.proc = subprocess.Popen(
+            args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, path="/v1/models", timeout=180):
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.endpoint + path, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def cli(self, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [str(BIN / "xinference"), *args, "-e", self.endpoint],
+            env=self.env, capture_output=True, text=True, timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"xinference {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def launch(self, model_name: str, uid: str, model_path: str, *extra: str) -> str:
+        self.cli("launch", "--model-name", model_name, "--model-engine", "transformers",
+                 "--model_path", model_path, "--model-uid", uid, *extra)
+        return uid
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def openai(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.endpoint + "/v1", api_key="not-used", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    from xinf_llama_vision.tiny import build
+
+    return build(str(tmp_path_factory.mktemp("tiny-mllama")))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint):
+    from oracle import Reference
+
+    return Reference(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("xinference-home")
+    port = free_port()
+    srv = Server(
+        [str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)],
+        base_env(home), home / "server.log", f"http://127.0.0.1:{port}",
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+        if os.environ.get("XLV_KEEP_LOGS"):
+            shutil.copy(home / "server.log", os.environ["XLV_KEEP_LOGS"])

@@ -1,0 +1,80 @@
+"""The independent side of every parity check: the official template and raw transformers.
+
+Nothing here imports ``xinf_llama_vision``'s prompt or engine code.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+from pathlib import Path
+from typing import List, Optional
+
+from PIL import Image
+
+TEMPLATE = Path(__file__).with_name("reference") / "llama-3.2-vision-instruct.chat_template.jinja"
+
+
+def png(color, size=(64, 48)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def today() -> str:
+    return datetime.date.today().strftime("%d %b %Y")
+
+
+def to_hf(messages: List[dict]) -> List[dict]:
+    """OpenAI message shapes → the HF shapes the official template reads (images as {"type": "image"})."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if isinstance(m.get("content"), list):
+            m["content"] = [
+                {"type": "image"} if p.get("type") in ("image_url", "image") else p for p in m["content"]
+            ]
+        out.append(m)
+    return out
+
+
+class Reference:
+    """Raw transformers on a checkpoint: the official template, the processor, greedy ``generate``."""
+
+    def __init__(self, path: str):
+        import torch
+        from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.tokenizer = self.processor.tokenizer
+        self.model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        self.template = TEMPLATE.read_text()
+
+    def render(self, messages: List[dict], date_string: Optional[str] = None, **kwargs) -> str:
+        return self.tokenizer.apply_chat_template(
+            to_hf(messages),
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=True,
+            date_string=date_string or today(),
+            **kwargs,
+        )
+
+    def inputs(self, prompt: str, images: List[Image.Image]):
+        return self.processor(images=images or None, text=prompt, add_special_tokens=False, return_tensors="pt")
+
+    def generate(self, prompt: str, images: List[Image.Image], max_new_tokens: int):
+        """(text, prompt token count, generated token count) under greedy decoding."""
+        import torch
+
+        inputs = self.inputs(prompt, images)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
+        text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text, inputs["input_ids"].shape[1], len(new)

@@ -1,0 +1,138 @@
+"""The message adapter against the official template, shape by shape (no server needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from oracle import TEMPLATE, to_hf
+from xinf_llama_vision.messages import RequestError, build_chat_prompt, build_completion_prompt
+
+IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+URL = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+DATE = "02 Mar 2025"
+
+
+@pytest.fixture(scope="module")
+def official():
+    """The official template, rendered the way transformers renders chat templates."""
+    from transformers import PreTrainedTokenizerFast
+
+    from xinf_llama_vision.tiny import tokenizer_dir
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
+    template = TEMPLATE.read_text()
+
+    def render(messages):
+        return tokenizer.apply_chat_template(
+            to_hf(messages), chat_template=template, tokenize=False, add_generation_prompt=True, date_string=DATE
+        )
+
+    return render
+
+
+SHAPES = {
+    "image then text": [{"role": "user", "content": [IMG, {"type": "text", "text": "Describe it."}]}],
+    "text then image": [{"role": "user", "content": [{"type": "text", "text": "Look: "}, URL]}],
+    "text only": [{"role": "user", "content": "Hello there"}],
+    "text only, system": [
+        {"role": "system", "content": "  Be brief.  "},
+        {"role": "user", "content": "Hello there"},
+    ],
+    "system and image": [
+        {"role": "system", "content": "You describe images."},
+        {"role": "user", "content": [IMG, {"type": "text", "text": "What is it?"}]},
+    ],
+    "multi-turn, image first": [
+        {"role": "user", "content": [IMG, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "What colour?"},
+    ],
+    "assistant as text parts": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "!"}]},
+        {"role": "user", "content": "Bye"},
+    ],
+    "image_url as a plain string": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": "https://example.com/a.png"}, {"type": "text", "text": "?"}]}
+    ],
+    "HF-native image part": [{"role": "user", "content": [{"type": "image", "url": "https://example.com/a.png"}, {"type": "text", "text": "?"}]}],
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prompt_is_byte_identical_to_official_template(official, shape):
+    messages = SHAPES[shape]
+    assert build_chat_prompt(messages, date_string=DATE).text == official(messages)
+
+
+def test_images_come_back_in_prompt_order():
+    messages = [{"role": "user", "content": [URL, {"type": "text", "text": "and"}, IMG]}]
+    prompt = build_chat_prompt(messages, date_string=DATE, max_images=2)
+    assert prompt.images == ("https://example.com/cat.png", "data:image/png;base64,iVBORw0KGgo=")
+    assert prompt.text.count("<|image|>") == 2
+
+
+def test_exact_token_ids_of_an_image_prompt():
+    from transformers import PreTrainedTokenizerFast
+
+    from xinf_llama_vision.tiny import tokenizer_dir
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
+    text = build_chat_prompt(SHAPES["image then text"], date_string=DATE).text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # <|begin_of_text|> <|start_header_id|> user <|end_header_id|> \n\n <|image|> ... <|eot_id|> ... assistant header
+    assert ids[:6] == [128000, 128006, 882, 128007, 271, 128256]
+    assert ids[-5:] == [128009, 128006, 78191, 128007, 271]
+
+
+REFUSED = {
+    "empty messages": ([], "at least one message"),
+    "image in system": (
+        [{"role": "system", "content": [IMG]}, {"role": "user", "content": "hi"}],
+        "messages[0].content[0]: images are not allowed in a system message",
+    ),
+    "image in assistant": (
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [IMG]}, {"role": "user", "content": "x"}],
+        "messages[1].content[0]: images are not allowed in an assistant message",
+    ),
+    "unknown part": ([{"role": "user", "content": [{"type": "video_url"}]}], "unsupported content part type 'video_url'"),
+    "image_url without url": ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "has no 'url'"),
+    "ends with assistant": (
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        "must end with a user message",
+    ),
+    "two images, default limit": ([{"role": "user", "content": [IMG, URL]}], "2 images sent, this model accepts at most 1"),
+    "unknown role": ([{"role": "robot", "content": "hi"}], "messages[0].role: 'robot' is not supported"),
+    "late system": (
+        [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
+        "messages[1]: a system message must be the first message",
+    ),
+    "content not text": ([{"role": "user", "content": 42}], "expected a string or a list of parts, got int"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refusals_name_the_problem(case):
+    messages, message = REFUSED[case]
+    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        build_chat_prompt(messages, date_string=DATE)
+
+
+@pytest.mark.parametrize(
+    "prompt, images, expected",
+    [
+        ("Once upon a time", [], "<|begin_of_text|>Once upon a time"),
+        ("<|begin_of_text|>Once", [], "<|begin_of_text|>Once"),
+        ("<|begin_of_text|><|begin_of_text|>Once", [], "<|begin_of_text|>Once"),
+        ("<|image|>Caption:", ["u"], "<|image|><|begin_of_text|>Caption:"),
+        ("<|image|><|begin_of_text|>Caption:", ["u"], "<|image|><|begin_of_text|>Caption:"),
+        ("Left <|image|> right", ["u"], "<|begin_of_text|>Left <|image|> right"),
+    ],
+)
+def test_base_prompt_has_exactly_one_bos(prompt, images, expected):
+    assert build_completion_prompt(prompt, images).text == expected
+
+
+def test_base_prompt_image_count_must_match():
+    with pytest.raises(RequestError, match="0 <\\|image\\|> token\\(s\\) but 1 image"):
+        build_completion_prompt("no token here", ["u"])

@@ -1,0 +1,89 @@
+"""The spec files and their schema: what ships is valid, and broken files say where they are broken."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from xinf_llama_vision.schema import SpecError, load_families, parse_family, spec_dir
+
+
+def test_shipped_specs_declare_both_families():
+    families = {f.model_name: f for f in load_families()}
+    assert set(families) == {"llama-3.2-vision", "llama-3.2-vision-instruct"}
+    base, instruct = families["llama-3.2-vision"], families["llama-3.2-vision-instruct"]
+    assert base.kind == "base" and set(base.abilities) >= {"generate", "vision"} and "chat" not in base.abilities
+    assert instruct.kind == "instruct" and set(instruct.abilities) >= {"chat", "vision"}
+    for family in families.values():
+        assert family.context_length == 131072
+        assert family.languages == ["en", "de", "fr", "it", "pt", "hi", "es", "th"]
+        assert family.architectures == ["MllamaForConditionalGeneration"]
+        assert family.stop == ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
+        assert family.stop_token_ids == [128001, 128008, 128009]
+        assert [s.model_size_in_billions for s in family.specs] == [11, 90]
+        assert all(s.model_format == "pytorch" for s in family.specs)
+
+
+def test_repository_ids_follow_meta_naming():
+    ids = {f.model_name: [s.hubs["huggingface"] for s in f.specs] for f in load_families()}
+    assert ids["llama-3.2-vision"] == ["meta-llama/Llama-3.2-11B-Vision", "meta-llama/Llama-3.2-90B-Vision"]
+    assert ids["llama-3.2-vision-instruct"] == [
+        "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "meta-llama/Llama-3.2-90B-Vision-Instruct",
+    ]
+
+
+def test_stop_token_ids_match_the_real_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    from xinf_llama_vision.tiny import tokenizer_dir
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
+    for family in load_families():
+        assert [tokenizer.convert_tokens_to_ids(t) for t in family.stop] == family.stop_token_ids
+
+
+def _valid() -> dict:
+    return yaml.safe_load((spec_dir() / "llama-3.2-vision-instruct.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["specs"][0].update(model_size_in_billions="eleven"), "specs.0.model_size_in_billions: Input should be a valid integer"),
+        (lambda d: d.update(kind="chatty"), "kind: Input tag 'chatty'"),
+        (lambda d: d.pop("context_length"), "context_length: Field required"),
+        (lambda d: d.update(abilities=["generate", "vision"]), "abilities: Value error, an instruct family has the 'chat' ability"),
+        (lambda d: d["specs"][0]["hubs"].pop("huggingface"), "specs.0.hubs: Value error, a 'huggingface' repository id is required"),
+        (lambda d: d["stop_tokens"][0].update(id=-1), "stop_tokens.0.id: Input should be greater than or equal to 0"),
+        (lambda d: d.update(colour="blue"), "colour: Extra inputs are not permitted"),
+        (lambda d: d["specs"].append(dict(d["specs"][0])), "duplicate model_size_in_billions"),
+    ],
+)
+def test_broken_spec_names_file_and_field(mutate, message):
+    data = _valid()
+    mutate(data)
+    with pytest.raises(SpecError) as error:
+        parse_family(yaml.safe_dump(data), "model_specs/broken.yaml")
+    assert str(error.value).startswith("model_specs/broken.yaml: ")
+    assert message in str(error.value)
+
+
+def test_broken_file_in_a_directory_is_named(tmp_path):
+    (tmp_path / "good.yaml").write_text((spec_dir() / "llama-3.2-vision.yaml").read_text())
+    (tmp_path / "bad.yaml").write_text("model_name: [unclosed\n")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_families(tmp_path)
+
+
+def test_specs_become_xinference_families():
+    from xinf_llama_vision.registration import to_xinference
+
+    for family in load_families():
+        xf = to_xinference(family)
+        assert xf.model_name == family.model_name
+        assert xf.stop_token_ids == family.stop_token_ids
+        hubs = {(s.model_size_in_billions, s.model_hub): s.model_id for s in xf.model_specs}
+        for spec in family.specs:
+            for hub, repo in spec.hubs.items():
+                assert hubs[(spec.model_size_in_billions, hub)] == repo

@@ -1,0 +1,230 @@
+"""The Transformers engine: ``MllamaForConditionalGeneration`` + ``AutoProcessor``.
+
+The classes fill in the hooks of Xinference's ``PytorchModel`` (``_load_model``,
+``match_json``, ``chat``/``generate``); device selection (CUDA, MPS, CPU; ``device_map="auto"``
+across GPUs), dtype (bf16 on CUDA, float32 on CPU, ``--torch_dtype`` to override) and
+quantization stay Xinference's own.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from xinference.model.llm.transformers.core import PytorchChatModel, PytorchModel
+from xinference.model.llm.utils import generate_completion, generate_completion_chunk
+
+from ..generation import Detokenizer, Sampling, StopText, sampling_from_config
+from ..images import ImageLimits, load_images
+from ..messages import DEFAULT_MAX_IMAGES, Prompt, RequestError, build_chat_prompt, build_completion_prompt
+from ..registration import launch_int, serves
+
+
+class _Mllama:
+    """What both families share: loading, inputs, and the token loop."""
+
+    kind = ""
+    #: Xinference's model actor then runs one request at a time for this model.
+    allow_batch = False
+
+    @classmethod
+    def check_lib(cls):
+        try:
+            from transformers import MllamaForConditionalGeneration  # noqa: F401
+        except ImportError:
+            return False, "transformers with Mllama support (>= 4.45.0) is not installed"
+        return True
+
+    @classmethod
+    def match_json(cls, llm_family, llm_spec, quantization):
+        ok, reason = serves(llm_family, cls.kind)
+        if not ok:
+            return False, reason
+        if llm_spec.model_format != "pytorch":
+            return False, f"Llama 3.2 Vision on Transformers takes pytorch weights, not {llm_spec.model_format}"
+        return True
+
+    def _should_use_batching(self) -> bool:
+        return False
+
+    def _load_model(self, **kwargs):
+        from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+        kwargs.pop("trust_remote_code", None)  # Mllama is built into transformers
+        if "torch_dtype" in kwargs:
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        self._processor = AutoProcessor.from_pretrained(self.model_path, revision=kwargs.get("revision"))
+        model = MllamaForConditionalGeneration.from_pretrained(self.model_path, low_cpu_mem_usage=True, **kwargs)
+        tokenizer = self._processor.tokenizer
+        self._stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
+        self._max_images = launch_int(self._pytorch_model_config, "max_images", DEFAULT_MAX_IMAGES)
+        self._image_limits = ImageLimits.from_env()
+        return model.eval(), tokenizer
+
+    # -- one request ------------------------------------------------------------------
+    def _inputs(self, prompt: Prompt):
+        images = load_images(prompt.images, self._image_limits)
+        inputs = self._processor(
+            images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
+        )
+        return inputs.to(self._model.device)
+
+    def _generate_kwargs(self, sampling: Sampling, prompt_tokens: int) -> Dict[str, Any]:
+        context = int(self._context_length or self.model_family.context_length)
+        room = context - prompt_tokens
+        if room < 1:
+            raise RequestError(f"prompt has {prompt_tokens} tokens, the context length is {context}")
+        if sampling.max_tokens is not None and sampling.max_tokens > room:
+            raise RequestError(
+                f"max_tokens {sampling.max_tokens} + prompt {prompt_tokens} tokens exceeds the context length {context}"
+            )
+        kwargs: Dict[str, Any] = {
+            "max_new_tokens": sampling.max_tokens or room,
+            "eos_token_id": list(dict.fromkeys(self._stop_ids + list(sampling.stop_token_ids))),
+            "pad_token_id": self._tokenizer.pad_token_id,
+        }
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        elif sampling.temperature is not None:
+            kwargs.update(do_sample=True, temperature=sampling.temperature)
+        if not sampling.greedy:
+            if sampling.top_p is not None:
+                kwargs["top_p"] = sampling.top_p
+            if sampling.top_k is not None:
+                kwargs["top_k"] = sampling.top_k
+        return kwargs
+
+    def _tokens(self, inputs, kwargs) -> Iterator[Tuple[str, int, Optional[str]]]:
+        """Run ``generate`` in a thread; yield ``(new_text, tokens_so_far, finish_reason)``."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        out: "queue.Queue[Any]" = queue.Queue()
+        cancel = threading.Event()
+
+        class Streamer(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value):
+                if self.prompt_seen:
+                    out.put(value.reshape(-1).tolist())
+                self.prompt_seen = True
+
+            def end(self):
+                out.put(None)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                import torch
+
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+        def run():
+            try:
+                self._model.generate(
+                    **inputs, **kwargs, streamer=Streamer(), stopping_criteria=StoppingCriteriaList([Cancelled()])
+                )
+            except BaseException as e:  # handed to the consumer, which raises it
+                out.put(e)
+
+        worker = threading.Thread(target=run, name="mllama-generate", daemon=True)
+        worker.start()
+        stops = set(kwargs["eos_token_id"])
+        detok = Detokenizer(
+            lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
+        n = 0
+        try:
+            while True:
+                item = out.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                for token in item:
+                    n += 1
+                    if token in stops:
+                        yield detok.flush(), n, "stop"
+                        return
+                    yield detok.add(token), n, None
+            yield detok.flush(), n, "length" if n >= kwargs["max_new_tokens"] else "stop"
+        finally:
+            cancel.set()
+            worker.join()
+
+    def _completion_chunks(self, prompt: Prompt, config: Dict[str, Any]) -> Tuple[Sampling, int, Iterator]:
+        """Validate, load images, and return ``(sampling, prompt_tokens, text events)``."""
+        sampling = sampling_from_config(config)
+        inputs = self._inputs(prompt)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        kwargs = self._generate_kwargs(sampling, prompt_tokens)
+        return sampling, prompt_tokens, self._with_stop_strings(self._tokens(inputs, kwargs), sampling)
+
+    @staticmethod
+    def _with_stop_strings(events, sampling: Sampling):
+        stop = StopText(list(sampling.stop))
+        for text, n, finish in events:
+            text = stop.feed(text)
+            if stop.stopped:
+                yield text, n, "stop"
+                events.close()
+                return
+            if finish:
+                text += stop.flush()
+            yield text, n, finish
+
+    def _complete(self, prompt: Prompt, config: Dict[str, Any]):
+        """A ``Completion`` dict, or an iterator of ``CompletionChunk`` when streaming."""
+        sampling, prompt_tokens, events = self._completion_chunks(prompt, config)
+        if sampling.stream:
+            return self._stream(sampling, prompt_tokens, events)
+        text, n, finish = "", 0, "stop"
+        for piece, n, finish in events:
+            text += piece
+        return generate_completion(self.model_uid, text, prompt_tokens, n, prompt_tokens + n, finish or "stop")
+
+    def _stream(self, sampling: Sampling, prompt_tokens: int, events) -> Iterator:
+        chunk_id = str(uuid.uuid4())
+        n = 0
+        for piece, n, finish in events:
+            usage = (prompt_tokens, n, prompt_tokens + n)
+            if piece:
+                yield generate_completion_chunk(piece, None, chunk_id, self.model_uid, *usage)
+            if finish:
+                yield generate_completion_chunk(None, finish, chunk_id, self.model_uid, *usage, has_content=False)
+        if sampling.include_usage:
+            usage = (prompt_tokens, n, prompt_tokens + n)
+            yield generate_completion_chunk(
+                None, None, chunk_id, self.model_uid, *usage, has_choice=False, has_content=False
+            )
+
+
+class MllamaChatModel(_Mllama, PytorchChatModel):
+    """``llama-3.2-vision-instruct``: chat with images through the official template."""
+
+    kind = "instruct"
+
+    def chat(self, messages: List[Dict], generate_config: Optional[Dict] = None, **kwargs):
+        config = dict(generate_config or {})
+        prompt = build_chat_prompt(messages, max_images=self._max_images)
+        result = self._complete(prompt, config)
+        if isinstance(result, dict):
+            return self._to_chat_completion(result, None)
+        return self._to_chat_completion_chunks(result, None)
+
+
+class MllamaGenerateModel(_Mllama, PytorchModel):
+    """``llama-3.2-vision``: raw completion; images ride in the request's ``images`` list."""
+
+    kind = "base"
+
+    def generate(self, prompt: str, generate_config: Optional[Dict] = None, **kwargs):
+        config = dict(generate_config or {})
+        images = config.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise RequestError("images: expected a list of image URLs (data: URIs or http(s) URLs)")
+        if len(images) > self._max_images:
+            raise RequestError(f"images: {len(images)} sent, this model accepts at most {self._max_images}")
+        return self._complete(build_completion_prompt(prompt, images), config)

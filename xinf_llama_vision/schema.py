@@ -1,0 +1,180 @@
+"""The schema of ``model_specs/*.yaml`` and its conversion into Xinference family objects.
+
+Each YAML file declares one model family. :func:`load_families` validates every file and
+names the file and the field in each error, e.g.::
+
+    model_specs/llama-3.2-vision.yaml: specs.0.model_size_in_billions: Input should be a valid integer
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Ability = Literal["generate", "chat", "vision", "tools"]
+Hub = Literal["huggingface", "modelscope"]
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class StopToken(_Strict):
+    token: str = Field(pattern=r"^<\|[a-z_]+\|>$")
+    id: int = Field(ge=0)
+
+
+class PytorchSpec(_Strict):
+    model_format: Literal["pytorch"]
+    model_size_in_billions: int = Field(gt=0)
+    quantizations: List[str] = ["none"]
+    hubs: Dict[Hub, str]
+
+    @field_validator("hubs")
+    @classmethod
+    def _has_huggingface(cls, hubs: Dict[str, str]) -> Dict[str, str]:
+        if "huggingface" not in hubs:
+            raise ValueError("a 'huggingface' repository id is required")
+        for hub, repo in hubs.items():
+            if repo.count("/") != 1 or " " in repo:
+                raise ValueError(f"{hub} id {repo!r} is not of the form 'owner/name'")
+        return hubs
+
+
+class _Family(_Strict):
+    model_name: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
+    description: str
+    abilities: List[Ability]
+    languages: List[str] = Field(min_length=1)
+    context_length: int = Field(gt=0)
+    architectures: List[str] = Field(min_length=1)
+    stop_tokens: List[StopToken] = Field(min_length=1)
+    specs: List[PytorchSpec] = Field(min_length=1)
+    virtualenv_packages: List[str] = []
+
+    @model_validator(mode="after")
+    def _unique_sizes(self):
+        sizes = [s.model_size_in_billions for s in self.specs]
+        if len(sizes) != len(set(sizes)):
+            raise ValueError(f"duplicate model_size_in_billions in specs: {sizes}")
+        return self
+
+    @property
+    def stop(self) -> List[str]:
+        return [t.token for t in self.stop_tokens]
+
+    @property
+    def stop_token_ids(self) -> List[int]:
+        return [t.id for t in self.stop_tokens]
+
+    def to_xinference_dict(self) -> dict:
+        """The family in Xinference's own catalog format (``version: 2`` JSON)."""
+        return {
+            "version": 2,
+            "model_name": self.model_name,
+            "model_description": self.description,
+            "model_ability": list(self.abilities),
+            "model_lang": list(self.languages),
+            "context_length": self.context_length,
+            "architectures": list(self.architectures),
+            "model_type": "mllama",
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "chat_template": None,
+            "model_specs": [
+                {
+                    "model_format": s.model_format,
+                    "model_size_in_billions": s.model_size_in_billions,
+                    "model_src": {
+                        hub: {"model_id": repo, "quantizations": list(s.quantizations)}
+                        for hub, repo in s.hubs.items()
+                    },
+                }
+                for s in self.specs
+            ],
+            "virtualenv": {"packages": list(self.virtualenv_packages)} if self.virtualenv_packages else None,
+        }
+
+
+class BaseFamily(_Family):
+    """A pretrained family: raw-text completion, ``<|image|>`` where each image goes."""
+
+    kind: Literal["base"]
+
+    @field_validator("abilities")
+    @classmethod
+    def _generate_not_chat(cls, abilities: List[str]) -> List[str]:
+        if "generate" not in abilities or "chat" in abilities:
+            raise ValueError("a base family has the 'generate' ability and not 'chat'")
+        return abilities
+
+
+class InstructFamily(_Family):
+    """An instruction-tuned family: chat through the official Llama 3.2 Vision template."""
+
+    kind: Literal["instruct"]
+
+    @field_validator("abilities")
+    @classmethod
+    def _chat(cls, abilities: List[str]) -> List[str]:
+        if "chat" not in abilities:
+            raise ValueError("an instruct family has the 'chat' ability")
+        return abilities
+
+
+Family = Annotated[Union[BaseFamily, InstructFamily], Field(discriminator="kind")]
+
+
+class _FamilyFile(BaseModel):
+    family: Family
+
+
+def parse_family(text: str, source: str = "<string>") -> Union[BaseFamily, InstructFamily]:
+    """Validate one spec file's YAML text; errors name ``source`` and the field.
+
+    >>> parse_family("model_name: x\\nkind: chat\\n", "x.yaml")
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.schema.SpecError: x.yaml: kind: Input tag 'chat' found using 'kind' does not match any of the expected tags: 'base', 'instruct'
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return _FamilyFile(family=data).family
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"][1:] if p not in ("base", "instruct"))
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                loc = "kind"
+            lines.append(f"{source}: {loc or '<file>'}: {err['msg']}")
+        raise SpecError("\n".join(lines)) from None
+
+
+def spec_dir() -> Path:
+    """Where the spec files are: ``xinf_llama_vision/model_specs`` once installed."""
+    return Path(str(resources.files("xinf_llama_vision.model_specs")))
+
+
+def load_families(directory: Optional[Path] = None) -> List[Union[BaseFamily, InstructFamily]]:
+    """Every family in ``directory`` (default: the packaged specs), sorted by file name."""
+    directory = Path(directory) if directory is not None else spec_dir()
+    families = [parse_family(p.read_text(encoding="utf-8"), str(p)) for p in sorted(directory.glob("*.yaml"))]
+    if not families:
+        raise SpecError(f"{directory}: no *.yaml spec files found")
+    names = [f.model_name for f in families]
+    if len(names) != len(set(names)):
+        raise SpecError(f"{directory}: duplicate model_name across files: {names}")
+    return families
