@@ -1,0 +1,110 @@
+"""The main job, end to end: Xinference with the plugin serves Llama 3.2 Vision and answers an image question.
+
+Real weights cannot be downloaded here, so by default this builds a tiny random checkpoint
+(real tokenizer and processor, random weights: the answer is gibberish, the plumbing is real).
+With real weights, pass --model-path DIR (a local copy of meta-llama/Llama-3.2-11B-Vision-Instruct).
+
+    python scripts/demo.py [--model-path DIR] [--port 9997] [--keep-running]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", help="a local Llama 3.2 Vision Instruct checkpoint (default: build a tiny one)")
+    parser.add_argument("--port", type=int, default=9997)
+    parser.add_argument("--keep-running", action="store_true", help="leave the server running afterwards")
+    args = parser.parse_args()
+
+    work = ROOT / ".demo"
+    work.mkdir(exist_ok=True)
+    model_path = args.model_path
+    if not model_path:
+        from xinf_llama_vision.tiny import build
+
+        model_path = str(work / "tiny-mllama")
+        if not (Path(model_path) / "config.json").exists():
+            print(f"building a tiny random Llama 3.2 Vision checkpoint in {model_path} ...", flush=True)
+            build(model_path)
+
+    endpoint = f"http://127.0.0.1:{args.port}"
+    env = dict(
+        os.environ,
+        XINFERENCE_HOME=str(work / "xinference-home"),
+        XINFERENCE_EXTENSIONS="xinf_llama_vision.extension:create",
+        XINFERENCE_AUTH_ADVANCED="false",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    log = open(work / "xinference.log", "w")
+    print(f"starting xinference-local on {endpoint} (log: {log.name}) ...", flush=True)
+    server = subprocess.Popen(
+        [str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(args.port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(endpoint + "/v1/models", timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise SystemExit(f"xinference-local exited; see {log.name}")
+                time.sleep(1)
+        subprocess.run([str(BIN / "xinf-llama-vision"), "doctor", "--endpoint", endpoint], env=env, check=True)
+
+        launch = [str(BIN / "xinference"), "launch", "-e", endpoint, "--model-name", "llama-3.2-vision-instruct",
+                  "--model-engine", "transformers", "--model_path", model_path, "--model-uid", "llama-vision"]
+        print("$", " ".join(launch), flush=True)
+        subprocess.run(launch, env=env, check=True)
+
+        from openai import OpenAI
+        from PIL import Image, ImageDraw
+
+        image = Image.new("RGB", (224, 224), "white")
+        ImageDraw.Draw(image).ellipse((40, 40, 184, 184), fill=(220, 30, 30))
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        question = "What shape and colour is in this image?"
+        client = OpenAI(base_url=endpoint + "/v1", api_key="not-needed")
+        reply = client.chat.completions.create(
+            model="llama-vision",
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": question},
+            ]}],
+            max_tokens=32,
+            temperature=0,
+        )
+        print(f"\nQ: {question} [+ a 224x224 PNG of a red circle]")
+        print(f"A: {reply.choices[0].message.content!r}")
+        print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
+        if not args.model_path:
+            print("(tiny random weights: the answer is noise; the pipeline that produced it is the real one)")
+        if args.keep_running:
+            print(f"\nserver still running at {endpoint}; stop it with: kill -- -{server.pid}")
+            return 0
+    finally:
+        if not args.keep_running and server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
