@@ -1,190 +1,938 @@
-"""Image loading for every engine: ``data:`` URIs and http(s) URLs → fully decoded RGB PIL images.
+"""The one image loader every engine uses: image sources → validated bytes → RGB PIL images.
 
-Nothing is written to disk. Limits (env vars, read at call time; launch options override):
+Accepted sources:
 
-==============================  =======================  ==============================
-``XLV_IMAGE_TIMEOUT``           10 (seconds)             connect and read timeout
-``XLV_IMAGE_MAX_BYTES``         20 MiB                   stop reading past this
-``XLV_IMAGE_MAX_PIXELS``        40 megapixels            decompression-bomb guard
-``XLV_IMAGE_ALLOW_HOSTS``       (empty)                  hosts/networks exempt from the
-                                                         private-address refusal
-==============================  =======================  ==============================
+* ``data:`` URIs with a base64 payload;
+* ``http://`` and ``https://`` URLs whose host is a public address (or allow-listed by the
+  operator), fetched with the standard library only: resolved once, checked, then connected to
+  *that checked address* (the original name still goes in the ``Host`` header and TLS SNI /
+  certificate check), so DNS rebinding cannot slip a private address in between; every redirect
+  hop is checked the same way; no proxy from the environment is used;
+* ``file://`` URLs and paths, only when the operator allowed one directory, and only for regular
+  files whose resolved path (symlinks followed) stays inside it.
 
-Every refusal is an :class:`ImageError` (a :class:`~xinf_llama_vision.messages.RequestError`)
-whose message names the image and the problem; the server answers it with a 4xx.
+Everything else is refused. The bytes must be a PNG, JPEG (MPO), GIF, WebP or BMP image that
+Pillow decodes completely (truncated or non-image bytes are refused); animated images give their
+first frame. Nothing is written to disk.
+
+Limits are :class:`ImageLimits`; each has an environment variable and a launch option
+(:data:`KNOBS`, rendered for ``docs/security.md`` by :func:`knobs_table`; run
+``python -m xinf_llama_vision.images`` to print it). Every refusal is an :class:`ImageError`
+(a :class:`~xinf_llama_vision.messages.RequestError`, answered with HTTP 400) whose message
+names the image (:func:`describe`), the problem and, for limits, the knob that changes it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import http.client
 import io
 import ipaddress
+import math
 import os
+import re
 import socket
-import urllib.error
+import ssl
+import stat
+import threading
+import time
 import urllib.parse
-import urllib.request
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .messages import RequestError
+
+MiB = 1024 * 1024
+
+#: Pillow formats accepted (``Image.open(..., formats=FORMATS)``): what chat clients send.
+#: Exotic formats are not even probed (EPS, for one, would run Ghostscript).
+FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP")
+
+#: Redirect statuses that are followed (each hop re-checked).
+REDIRECTS = (301, 302, 303, 307, 308)
+
+USER_AGENT = "xinf-llama-vision"
+_CHUNK = 64 * 1024
 
 
 class ImageError(RequestError):
     """An image that cannot be used; the message names it and says why."""
 
 
+# -- knobs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One configurable limit: the :class:`ImageLimits` field, its launch option and env var."""
+
+    field: str
+    option: str
+    env: str
+    kind: str  # seconds | bytes | pixels | count | hosts | dir
+    reason: str
+
+
+KNOBS: Tuple[Knob, ...] = (
+    Knob("timeout", "image_timeout", "XLV_IMAGE_TIMEOUT", "seconds",
+         "Connect timeout, and the longest wait for any single read. A server that stops answering is dropped."),
+    Knob("deadline", "image_deadline", "XLV_IMAGE_DEADLINE", "seconds",
+         "Total time for one image, redirects included. Stops slow-drip servers that send a byte "
+         "just before each read timeout."),
+    Knob("max_bytes", "image_max_bytes", "XLV_IMAGE_MAX_BYTES", "bytes",
+         "Largest image (download, file or decoded data: URI). Reading stops past it; a larger "
+         "Content-Length is refused before the body is read. Accepts KiB/MiB/GiB suffixes."),
+    Knob("max_pixels", "image_max_pixels", "XLV_IMAGE_MAX_PIXELS", "pixels",
+         "Largest width x height, checked from the header before decoding (decompression bombs). "
+         "At most Pillow's own limit (89478485)."),
+    Knob("max_redirects", "image_max_redirects", "XLV_IMAGE_MAX_REDIRECTS", "count",
+         "Redirects followed per image; each hop is re-checked. 0 refuses every redirect."),
+    Knob("allow_hosts", "image_allow_hosts", "XLV_IMAGE_ALLOW_HOSTS", "hosts",
+         "Comma-separated host names and IP addresses / CIDR networks exempt from the "
+         "private-address refusal (e.g. `127.0.0.1, 10.0.0.0/8, images.internal`). A host name "
+         "is trusted whatever it resolves to."),
+    Knob("local_dir", "image_local_dir", "XLV_IMAGE_LOCAL_DIR", "dir",
+         "A directory whose files may be sent as `file://` URLs or paths. Unset: local files are "
+         "refused. Symlinks and `..` may not lead outside it."),
+)
+KNOB_BY_FIELD: Dict[str, Knob] = {k.field: k for k in KNOBS}
+
+
+def hint(field: str) -> str:
+    """How the operator changes a limit.
+
+    >>> hint("max_bytes")
+    'the operator can change it with the launch option image_max_bytes or the environment variable XLV_IMAGE_MAX_BYTES'
+    """
+    knob = KNOB_BY_FIELD[field]
+    return f"the operator can change it with the launch option {knob.option} or the environment variable {knob.env}"
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": MiB, "gib": 1024**3}
+
+
+def parse_size(value: Any, where: str = "size") -> int:
+    """A positive byte count: an integer, or a string with an optional unit.
+
+    >>> parse_size("20MiB"), parse_size("1.5 KiB"), parse_size("2MB"), parse_size(512), parse_size("1_000")
+    (20971520, 1536, 2000000, 512, 1000)
+    >>> parse_size("lots", "launch option image_max_bytes")
+    Traceback (most recent call last):
+    ...
+    ValueError: launch option image_max_bytes must be a positive number of bytes (e.g. 20971520 or 20MiB), got 'lots'
+    """
+    error = ValueError(f"{where} must be a positive number of bytes (e.g. 20971520 or 20MiB), got {value!r}")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, int):
+        number = value
+    else:
+        match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise error
+        number = int(float(match.group(1).replace("_", "")) * _SIZE_UNITS[match.group(2).lower()])
+    if number <= 0:
+        raise error
+    return number
+
+
+def _parse_int(value: Any, where: str, minimum: int, what: str) -> int:
+    error = ValueError(f"{where} must be {what}, got {value!r}")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise error
+        value = int(value)
+    try:
+        number = int(str(value).strip().replace("_", "")) if not isinstance(value, int) else value
+    except ValueError:
+        raise error from None
+    if number < minimum:
+        raise error
+    return number
+
+
+def _parse_seconds(value: Any, where: str) -> float:
+    error = ValueError(f"{where} must be a number of seconds > 0, got {value!r}")
+    if isinstance(value, bool):
+        raise error
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise error from None
+    if not math.isfinite(number) or number <= 0:
+        raise error
+    return number
+
+
+def _parse_pixels(value: Any, where: str) -> int:
+    from PIL import Image
+
+    number = _parse_int(value, where, 1, "a positive number of pixels")
+    cap = Image.MAX_IMAGE_PIXELS
+    if cap is not None and number > cap:
+        raise ValueError(f"{where} must be at most {cap} (Pillow's decompression-bomb limit), got {value!r}")
+    return number
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*")
+
+
+def normalize_host(host: str) -> str:
+    """A host name as compared with the allow-list: lower case, no trailing dot, IDNA-encoded.
+
+    >>> normalize_host("Images.Example.COM."), normalize_host("bücher.de")
+    ('images.example.com', 'xn--bcher-kva.de')
+    """
+    host = host.strip().rstrip(".").lower()
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return host
+
+
+def parse_allow_hosts(value: Any, where: str = "allow_hosts") -> Tuple[str, ...]:
+    """Allow-list entries: host names (normalized) and networks (``a.b.c.d/n``, single IPs as /32 or /128).
+
+    >>> parse_allow_hosts("127.0.0.1, 10.0.0.0/8 ,Images.Internal,::1")
+    ('127.0.0.1/32', '10.0.0.0/8', 'images.internal', '::1/128')
+    >>> parse_allow_hosts(["192.168.1.7/24"])
+    ('192.168.1.0/24',)
+    >>> parse_allow_hosts("")
+    ()
+    >>> parse_allow_hosts("http://x/", "XLV_IMAGE_ALLOW_HOSTS")
+    Traceback (most recent call last):
+    ...
+    ValueError: XLV_IMAGE_ALLOW_HOSTS: 'http://x/' is neither a host name nor an IP address/network (write e.g. 127.0.0.1, 10.0.0.0/8, images.internal)
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ValueError(f"{where} must be a comma-separated string or a list of strings, got {value!r}")
+    out: List[str] = []
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            entry = str(ipaddress.ip_network(item.strip("[]"), strict=False))
+        except ValueError:
+            entry = normalize_host(item)
+            if not _HOSTNAME.fullmatch(entry):
+                raise ValueError(
+                    f"{where}: {item!r} is neither a host name nor an IP address/network "
+                    "(write e.g. 127.0.0.1, 10.0.0.0/8, images.internal)"
+                ) from None
+        if entry not in out:
+            out.append(entry)
+    return tuple(out)
+
+
+def _parse_dir(value: Any, where: str, must_exist: bool) -> Optional[str]:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{where} must be a directory path, got {value!r}")
+    path = Path(value).expanduser()
+    if not must_exist:
+        if not path.is_absolute():
+            raise ValueError(f"{where} must be an absolute directory path, got {value!r}")
+        return str(path)
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ValueError(f"{where}: directory {str(value)!r} does not exist") from None
+    if not resolved.is_dir():
+        raise ValueError(f"{where}: {str(value)!r} is not a directory")
+    return str(resolved)
+
+
+def _parse(knob: Knob, value: Any, where: str, strict_dir: bool) -> Any:
+    if knob.kind == "seconds":
+        return _parse_seconds(value, where)
+    if knob.kind == "bytes":
+        return parse_size(value, where)
+    if knob.kind == "pixels":
+        return _parse_pixels(value, where)
+    if knob.kind == "count":
+        return _parse_int(value, where, 0, "an integer >= 0")
+    if knob.kind == "hosts":
+        return parse_allow_hosts(value, where)
+    if knob.kind == "dir":
+        return _parse_dir(value, where, strict_dir)
+    raise AssertionError(knob.kind)
+
+
 @dataclass(frozen=True)
 class ImageLimits:
+    """What the loader accepts. A plain dict round-trips: ``ImageLimits(**limits.to_dict())``."""
+
     timeout: float = 10.0
-    max_bytes: int = 20 * 1024 * 1024
+    deadline: float = 30.0
+    max_bytes: int = 20 * MiB
     max_pixels: int = 40_000_000
-    allow_hosts: tuple = ()
+    max_redirects: int = 3
+    allow_hosts: Tuple[str, ...] = ()
+    local_dir: Optional[str] = None
+
+    def __post_init__(self):
+        for knob in KNOBS:
+            value = _parse(knob, getattr(self, knob.field), f"ImageLimits.{knob.field}", strict_dir=False)
+            object.__setattr__(self, knob.field, value)
+
+    @classmethod
+    def from_config(cls, config: Optional[Mapping[str, Any]] = None) -> "ImageLimits":
+        """Defaults, overridden by environment variables, overridden by launch options in ``config``.
+
+        Raises :class:`ValueError` naming the launch option or environment variable that is wrong.
+
+        >>> ImageLimits.from_config({"image_max_bytes": "1MiB", "image_allow_hosts": "127.0.0.1"}).max_bytes
+        1048576
+        """
+        values: Dict[str, Any] = {}
+        for knob in KNOBS:
+            if config is not None and config.get(knob.option) is not None:
+                raw, where = config[knob.option], f"launch option {knob.option}"
+            elif os.environ.get(knob.env, "").strip():
+                raw, where = os.environ[knob.env], f"environment variable {knob.env}"
+            else:
+                continue
+            values[knob.field] = _parse(knob, raw, where, strict_dir=True)
+        return cls(**values)
 
     @classmethod
     def from_env(cls) -> "ImageLimits":
-        env = os.environ
-        return cls(
-            timeout=float(env.get("XLV_IMAGE_TIMEOUT", cls.timeout)),
-            max_bytes=int(env.get("XLV_IMAGE_MAX_BYTES", cls.max_bytes)),
-            max_pixels=int(env.get("XLV_IMAGE_MAX_PIXELS", cls.max_pixels)),
-            allow_hosts=tuple(h.strip() for h in env.get("XLV_IMAGE_ALLOW_HOSTS", "").split(",") if h.strip()),
-        )
+        """Defaults overridden by environment variables only."""
+        return cls.from_config(None)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict (lists, not tuples).
+
+        >>> ImageLimits(allow_hosts=("10.0.0.0/8",)).to_dict()["allow_hosts"]
+        ['10.0.0.0/8']
+        """
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["allow_hosts"] = list(self.allow_hosts)
+        return out
 
 
-def describe(source: str) -> str:
-    """A short, log-safe name for an image source.
+def _default_text(knob: Knob) -> str:
+    default = {f.name: f.default for f in fields(ImageLimits)}[knob.field]
+    if knob.kind == "seconds":
+        return f"{default:g} s"
+    if knob.kind == "bytes":
+        return f"{default} ({default / MiB:g} MiB)" if default % (MiB // 4) == 0 else str(default)
+    if knob.kind == "pixels":
+        return f"{default} ({default / 1e6:g} megapixels)"
+    if knob.kind == "hosts":
+        return "(empty)" if not default else ", ".join(default)
+    if knob.kind == "dir":
+        return "(unset: local files refused)" if default is None else str(default)
+    return str(default)
+
+
+def knobs_table() -> str:
+    """The Markdown table of every knob, as ``docs/security.md`` shows it."""
+    rows = [
+        "| Launch option | Environment variable | Default | What it does |",
+        "|---|---|---|---|",
+    ]
+    for knob in KNOBS:
+        rows.append(f"| `{knob.option}` | `{knob.env}` | {_default_text(knob)} | {knob.reason} |")
+    return "\n".join(rows) + "\n"
+
+
+# -- naming images in messages -------------------------------------------------------------
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def describe(source: Any) -> str:
+    """A short, log-safe name for an image source (never a whole data URI, never a password).
 
     >>> describe("data:image/png;base64," + "A" * 100)
     'data:image/png;base64,… (100 base64 chars)'
     >>> describe("https://example.com/cat.png")
     'https://example.com/cat.png'
+    >>> describe("https://bob:hunter2@example.com/a\\r\\n.png")
+    'https://bob:***@example.com/a\\\\r\\\\n.png'
+    >>> describe("x" * 300)[-5:], len(describe("x" * 300))
+    ('xxxx…', 201)
     """
-    if source.startswith("data:"):
-        head, _, payload = source.partition(",")
-        return f"{head},… ({len(payload)} base64 chars)"
-    return source if len(source) <= 200 else source[:200] + "…"
+    if not isinstance(source, str):
+        return f"<{type(source).__name__}>"
+    if source[:5].lower() == "data:":
+        head, sep, payload = source.partition(",")
+        short = _printable(head[:60]) + ("…" if len(head) > 60 else "")
+        if not sep:
+            return f"{short} (no ',' separator, {len(source)} chars)"
+        return f"{short},… ({len(payload)} base64 chars)"
+    try:
+        parts = urllib.parse.urlsplit(source)
+        if parts.password:
+            source = source.replace(":" + parts.password + "@", ":***@", 1)
+    except ValueError:
+        pass
+    text = _printable(source)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+# -- data: URIs ----------------------------------------------------------------------------
 
 
 def decode_data_uri(source: str, limits: ImageLimits) -> bytes:
-    """The bytes of a base64 ``data:`` URI.
+    """The bytes of a base64 ``data:`` URI (whitespace, URL-safe alphabet and missing padding tolerated).
 
     >>> decode_data_uri("data:image/png;base64,aGk=", ImageLimits())
+    b'hi'
+    >>> decode_data_uri("data:;base64,aG\\nk", ImageLimits())
     b'hi'
     >>> decode_data_uri("data:image/png,hi", ImageLimits())
     Traceback (most recent call last):
     ...
     xinf_llama_vision.images.ImageError: data:image/png,… (2 base64 chars): only base64 data URIs are supported (data:image/...;base64,...)
+    >>> decode_data_uri("data:image/png;base64,aGk=", ImageLimits(max_bytes=1))
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.images.ImageError: data:image/png;base64,… (4 base64 chars): image is 2 bytes, over the 1-byte limit; the operator can change it with the launch option image_max_bytes or the environment variable XLV_IMAGE_MAX_BYTES
     """
+    label = describe(source)
     head, sep, payload = source.partition(",")
-    if not sep or not head.endswith(";base64"):
-        raise ImageError(f"{describe(source)}: only base64 data URIs are supported (data:image/...;base64,...)")
-    if len(payload) * 3 // 4 > limits.max_bytes:
-        raise ImageError(f"{describe(source)}: image is larger than the {limits.max_bytes}-byte limit")
+    params = [p.strip().lower() for p in head[5:].split(";")]
+    if not sep or params[-1] != "base64":
+        raise ImageError(f"{label}: only base64 data URIs are supported (data:image/...;base64,...)")
+    # 4 base64 chars carry 3 bytes: refuse from the length alone before decoding anything
+    # (twice the size allows for line breaks; the exact check follows).
+    if len(payload) > 2 * (4 * (limits.max_bytes // 3) + 8):
+        raise ImageError(
+            f"{label}: image is over the {limits.max_bytes}-byte limit "
+            f"(about {len(payload) * 3 // 4} bytes); {hint('max_bytes')}"
+        )
+    compact = "".join(payload.split()).rstrip("=")
+    if len(compact) * 3 // 4 > limits.max_bytes:
+        raise ImageError(
+            f"{label}: image is {len(compact) * 3 // 4} bytes, over the {limits.max_bytes}-byte limit; {hint('max_bytes')}"
+        )
+    compact = compact.replace("-", "+").replace("_", "/")
+    compact += "=" * (-len(compact) % 4)
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageError(f"{describe(source)}: invalid base64 payload") from None
+        raise ImageError(f"{label}: invalid base64 payload") from None
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"{label}: image is {len(data)} bytes, over the {limits.max_bytes}-byte limit; {hint('max_bytes')}")
+    if not data:
+        raise ImageError(f"{label}: empty image")
+    return data
 
 
-def _host_allowed(host: str, addresses: List[str], limits: ImageLimits) -> bool:
-    for allowed in limits.allow_hosts:
-        if host == allowed:
-            return True
-        try:
-            net = ipaddress.ip_network(allowed, strict=False)
-        except ValueError:
-            continue
-        if any(ipaddress.ip_address(a) in net for a in addresses):
+# -- addresses -----------------------------------------------------------------------------
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def address_refusal(address: Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]) -> Optional[str]:
+    """Why an address is not fetched from by default, or ``None`` for a public unicast address.
+
+    IPv6 addresses that embed an IPv4 one (IPv4-mapped, 6to4, NAT64) are judged by it too.
+
+    >>> address_refusal("93.184.215.14") is None, address_refusal("2606:4700:4700::1111") is None
+    (True, True)
+    >>> [address_refusal(a) for a in ("127.0.0.1", "169.254.169.254", "10.1.2.3", "0.0.0.0", "224.0.0.1")]
+    ['loopback', 'link-local', 'private', 'unspecified', 'multicast']
+    >>> [address_refusal(a) for a in ("::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "2002:a9fe:a9fe::1")]
+    ['loopback', 'link-local', 'private', 'loopback (IPv4-mapped 127.0.0.1)', 'link-local (6to4 169.254.169.254)']
+    >>> address_refusal("100.64.0.1"), address_refusal("240.0.0.1")
+    ('not globally routable', 'reserved')
+    """
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if ip.version == 6:
+        embedded = [("IPv4-mapped", ip.ipv4_mapped), ("6to4", ip.sixtofour)]
+        if ip in _NAT64:
+            embedded.append(("NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+        if ip.teredo:
+            embedded.append(("Teredo", ip.teredo[1]))
+        for label, inner in embedded:
+            if inner is not None:
+                why = address_refusal(inner)
+                if why is not None:
+                    return f"{why} ({label} {inner})"
+        if ip in _NAT64_LOCAL:
+            return "private (local-use NAT64)"
+        if ip.ipv4_mapped is not None:
+            return None
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_reserved:
+        return "reserved"
+    if ip.is_private:
+        return "private"
+    if not ip.is_global:
+        return "not globally routable"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _network(entry: str):
+    return ipaddress.ip_network(entry)
+
+
+def host_allowed(host: str, address: str, limits: ImageLimits) -> bool:
+    """Whether the operator's allow-list covers this host name or address.
+
+    >>> limits = ImageLimits(allow_hosts=("127.0.0.1/32", "images.internal"))
+    >>> host_allowed("x.test", "127.0.0.1", limits), host_allowed("x.test", "::ffff:127.0.0.1", limits)
+    (True, True)
+    >>> host_allowed("Images.Internal.", "10.9.9.9", limits), host_allowed("x.test", "127.0.0.2", limits)
+    (True, False)
+    """
+    name = normalize_host(host)
+    ip = ipaddress.ip_address(address)
+    candidates = [ip] + ([ip.ipv4_mapped] if ip.version == 6 and ip.ipv4_mapped else [])
+    for entry in limits.allow_hosts:
+        if "/" in entry:
+            net = _network(entry)
+            if any(c.version == net.version and c in net for c in candidates):
+                return True
+        elif entry == name:
             return True
     return False
 
 
-def check_address(url: str, limits: ImageLimits) -> None:
-    """Refuse URLs whose host resolves to loopback, private, link-local or reserved addresses."""
-    parsed = urllib.parse.urlsplit(url)
-    host = parsed.hostname or ""
+def _resolve(host: str, port: int) -> List[str]:
+    """Every address of ``host``: the module's only name lookup (tests patch this seam).
+
+    Called once per hop; the addresses it returns are the ones checked *and* connected to.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: List[str] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
+            out.append(sockaddr[0])
+    return out
+
+
+def _open_socket(address: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to a numeric, already-checked address (no name lookup happens here)."""
+    return socket.create_connection((address, port), timeout=timeout)
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """The TLS context for https fetches: system CAs, certificate and host name verified."""
+    return ssl.create_default_context()
+
+
+def checked_addresses(host: str, port: int, limits: ImageLimits, label: str) -> List[str]:
+    """Resolve ``host`` once and return its addresses, refusing the host if any is not allowed."""
     try:
-        infos = socket.getaddrinfo(host, parsed.port or (443 if parsed.scheme == "https" else 80))
-    except (socket.gaierror, UnicodeError) as e:
-        raise ImageError(f"{describe(url)}: cannot resolve host {host!r} ({e})") from None
-    addresses = [info[4][0] for info in infos]
-    if _host_allowed(host, addresses, limits):
-        return
-    for a in addresses:
-        ip = ipaddress.ip_address(a)
-        if not ip.is_global or ip.is_multicast:
+        addresses = [str(ipaddress.ip_address(host))]
+    except ValueError:
+        try:
+            addresses = _resolve(host, port)
+        except (OSError, UnicodeError, ValueError) as e:
+            raise ImageError(f"{label}: cannot resolve host {host!r} ({e})") from None
+    if not addresses:
+        raise ImageError(f"{label}: host {host!r} has no IPv4/IPv6 address")
+    for address in addresses:
+        try:
+            why = address_refusal(address)
+        except ValueError:
+            why = "not an IP address"
+        if why is not None and not host_allowed(host, address, limits):
+            shown = f"host {host!r} resolves to" if address != host else "host"
             raise ImageError(
-                f"{describe(url)}: host {host!r} resolves to the non-public address {a}; "
-                "the operator can allow it with XLV_IMAGE_ALLOW_HOSTS"
+                f"{label}: {shown} the {why} address {address}, which is not fetched from "
+                f"(server-side request forgery guard); the operator can allow it with the launch "
+                f"option image_allow_hosts or the environment variable XLV_IMAGE_ALLOW_HOSTS"
             )
+    return addresses
 
 
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, limits: ImageLimits):
-        self.limits = limits
+# -- http(s) -------------------------------------------------------------------------------
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
-            raise ImageError(f"{describe(req.full_url)}: redirect to a non-http(s) URL refused")
-        check_address(newurl, self.limits)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+class _Deadline:
+    """A wall-clock limit for a whole fetch: when it passes, every socket in use is shut down,
+    which wakes any blocked read (headers, body or TLS handshake) at once."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: List[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shutdown(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """HTTP to a fixed, already-checked address; ``Host`` stays the URL's host."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, guard: _Deadline):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+        self._guard = guard
+
+    def _tcp(self) -> socket.socket:
+        remaining = self._guard.remaining()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed")
+        sock = _open_socket(self._address, self.port, min(self.timeout, remaining))
+        self._guard.watch(sock)
+        sock.settimeout(self.timeout)
+        return sock
+
+    def connect(self):
+        self.sock = self._tcp()
+
+
+class _PinnedTLSConnection(_PinnedConnection):
+    """HTTPS to a fixed address; SNI and the certificate check use the URL's host name."""
+
+    default_port = 443
+
+    def connect(self):
+        sock = self._tcp()
+        try:
+            self.sock = _ssl_context().wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        self._guard.watch(self.sock)
+
+
+def _request_target(parts: urllib.parse.SplitResult) -> str:
+    path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    if parts.query:
+        path += "?" + urllib.parse.quote(parts.query, safe="/?%:@!$&'()*+,;=-._~")
+    return path
+
+
+def _transport_error(e: BaseException, label: str, limits: ImageLimits, guard: _Deadline) -> ImageError:
+    if guard.expired or isinstance(e, _DeadlinePassed):
+        return ImageError(f"{label}: download took longer than the {limits.deadline:g}-second total limit; {hint('deadline')}")
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return ImageError(f"{label}: the server did not answer within the {limits.timeout:g}-second timeout; {hint('timeout')}")
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return ImageError(f"{label}: TLS certificate verification failed ({e.verify_message or e})")
+    if isinstance(e, http.client.IncompleteRead):
+        return ImageError(f"{label}: the server closed the connection after {len(e.partial)} bytes, before the declared end of the body")
+    return ImageError(f"{label}: download failed ({type(e).__name__}: {e})")
+
+
+class _DeadlinePassed(Exception):
+    pass
+
+
+def _hop(url: str, label: str, limits: ImageLimits, guard: _Deadline) -> Tuple[Optional[str], bytes]:
+    """One request: ``(redirect location, b"")`` or ``(None, body)``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ImageError(f"{label}: malformed URL ({e})") from None
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if not host:
+        raise ImageError(f"{label}: URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ImageError(f"{label}: credentials in image URLs are not supported")
+    port = port or (443 if scheme == "https" else 80)
+    addresses = checked_addresses(host, port, limits, label)
+    cls = _PinnedTLSConnection if scheme == "https" else _PinnedConnection
+    conn = None
+    try:
+        last: Optional[BaseException] = None
+        for address in addresses:
+            candidate = cls(host, port, address, limits.timeout, guard)
+            try:
+                candidate.connect()
+            except (OSError, ValueError) as e:
+                candidate.close()
+                last = e
+                if guard.expired or isinstance(e, ssl.SSLError):
+                    break
+                continue
+            conn = candidate
+            break
+        if conn is None:
+            raise last or OSError("no address to connect to")
+        conn.request("GET", _request_target(parts), headers={
+            "User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity",
+        })
+        response = conn.getresponse()
+        if guard.expired:
+            raise _DeadlinePassed()
+        if response.status in REDIRECTS:
+            location = response.getheader("Location")
+            if not location:
+                raise ImageError(f"{label}: HTTP {response.status} redirect without a Location header")
+            return location.strip(), b""
+        if response.status != 200:
+            raise ImageError(f"{label}: the server answered HTTP {response.status} {response.reason}".rstrip())
+        encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            raise ImageError(f"{label}: compressed responses (Content-Encoding: {encoding}) are not accepted")
+        declared = (response.getheader("Content-Length") or "").strip()
+        if declared.isdigit() and int(declared) > limits.max_bytes:
+            raise ImageError(
+                f"{label}: the server declares {int(declared)} bytes (Content-Length), over the "
+                f"{limits.max_bytes}-byte limit; {hint('max_bytes')}"
+            )
+        chunks: List[bytes] = []
+        total = 0
+        while True:
+            chunk = response.read1(_CHUNK)
+            if guard.expired:
+                raise _DeadlinePassed()
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limits.max_bytes:
+                raise ImageError(
+                    f"{label}: download passed the {limits.max_bytes}-byte limit, stopped reading; {hint('max_bytes')}"
+                )
+            chunks.append(chunk)
+        if guard.expired:
+            raise _DeadlinePassed()
+        return None, b"".join(chunks)
+    except ImageError:
+        raise
+    except (OSError, ValueError, http.client.HTTPException, _DeadlinePassed) as e:
+        raise _transport_error(e, label, limits, guard) from None
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 def fetch(url: str, limits: ImageLimits) -> bytes:
-    """Download an http(s) image, refusing private addresses and stopping past ``max_bytes``."""
-    check_address(url, limits)
-    opener = urllib.request.build_opener(_CheckedRedirects(limits), urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url, headers={"User-Agent": "xinf-llama-vision"})
+    """Download an http(s) image: every hop's address checked and pinned, limits enforced."""
+    label = describe(url)
+    guard = _Deadline(limits.deadline)
     try:
-        with opener.open(request, timeout=limits.timeout) as response:
-            data = response.read(limits.max_bytes + 1)
-    except urllib.error.HTTPError as e:
-        raise ImageError(f"{describe(url)}: download failed with HTTP {e.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise ImageError(f"{describe(url)}: download failed ({reason})") from None
+        current = url
+        for hop in range(limits.max_redirects + 1):
+            where = label if hop == 0 else f"{label} (redirected to {describe(current)})"
+            location, data = _hop(current, where, limits, guard)
+            if location is None:
+                if not data:
+                    raise ImageError(f"{where}: empty response body")
+                return data
+            try:
+                target = urllib.parse.urljoin(current, location)
+                scheme = urllib.parse.urlsplit(target).scheme.lower()
+            except ValueError:
+                raise ImageError(f"{where}: malformed redirect Location {describe(location)}") from None
+            if scheme not in ("http", "https"):
+                raise ImageError(f"{where}: redirect to a non-http(s) URL ({describe(target)}) refused")
+            current = target
+        raise ImageError(
+            f"{label}: more than {limits.max_redirects} redirects (image_max_redirects); {hint('max_redirects')}"
+        )
+    finally:
+        guard.cancel()
+
+
+# -- local files ---------------------------------------------------------------------------
+
+
+def read_local(source: str, limits: ImageLimits) -> bytes:
+    """A ``file://`` URL or path inside the operator's directory (resolved: no ``..``/symlink escapes)."""
+    label = describe(source)
+    if not limits.local_dir:
+        raise ImageError(
+            f"{label}: local files are not served; send a data: URI (base64) or an http(s) URL "
+            "(the operator can allow one directory with the launch option image_local_dir or the "
+            "environment variable XLV_IMAGE_LOCAL_DIR)"
+        )
+    if source[:5].lower() == "file:":
+        parts = urllib.parse.urlsplit(source)
+        if parts.netloc not in ("", "localhost"):
+            raise ImageError(f"{label}: file URLs must name a local file (file:///path), not host {parts.netloc!r}")
+        path = urllib.parse.unquote(parts.path)
+    else:
+        path = source
+    if "\x00" in path or not path:
+        raise ImageError(f"{label}: invalid file path")
+    try:
+        root = Path(limits.local_dir).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ImageError(f"{label}: the local image directory (image_local_dir) does not exist on this server") from None
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    outside = ImageError(f"{label}: outside the allowed local image directory (image_local_dir); {hint('local_dir')}")
+    try:
+        real = candidate.resolve(strict=False)
+    except (OSError, RuntimeError):
+        raise outside from None
+    if not real.is_relative_to(root):
+        raise outside
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file in the local image directory") from None
+    except OSError as e:
+        raise ImageError(f"{label}: cannot open the file ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{label}: not a regular file")
+        proc = f"/proc/self/fd/{fd}"
+        if os.path.exists(proc) and not Path(os.readlink(proc)).is_relative_to(root):
+            raise outside  # the path changed under us (symlink swapped in after the check)
+        if st.st_size > limits.max_bytes:
+            raise ImageError(f"{label}: file is {st.st_size} bytes, over the {limits.max_bytes}-byte limit; {hint('max_bytes')}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limits.max_bytes + 1)
+    finally:
+        os.close(fd)
     if len(data) > limits.max_bytes:
-        raise ImageError(f"{describe(url)}: image is larger than the {limits.max_bytes}-byte limit")
+        raise ImageError(f"{label}: file is over the {limits.max_bytes}-byte limit; {hint('max_bytes')}")
     return data
 
 
+# -- decoding ------------------------------------------------------------------------------
+
+
+def _scheme(source: str) -> str:
+    """The URL scheme, lower case, or ``""`` for a bare path.
+
+    >>> _scheme("HTTPS://x"), _scheme("data:,"), _scheme("/tmp/a.png"), _scheme("cat.png")
+    ('https', 'data', '', '')
+    """
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", source)
+    return match.group(1).lower() if match else ""
+
+
+def read_bytes(source: str, limits: ImageLimits) -> bytes:
+    """The raw bytes of an image source, every transport check applied (not yet decoded)."""
+    if not isinstance(source, str) or not source:
+        raise ImageError(f"{describe(source)}: an image source must be a non-empty string")
+    scheme = _scheme(source)
+    if scheme == "data":
+        return decode_data_uri(source, limits)
+    if scheme in ("http", "https"):
+        return fetch(source, limits)
+    if scheme in ("file", ""):
+        return read_local(source, limits)  # refused unless the operator allowed a directory
+    raise ImageError(
+        f"{describe(source)}: unsupported image source (scheme {scheme!r}); send a data: URI (base64) or an http(s) URL"
+    )
+
+
 def decode(data: bytes, source: str, limits: ImageLimits):
-    """Fully decode image bytes into an RGB PIL image, refusing non-images and bombs."""
+    """Image bytes → ``(RGB PIL image, Pillow format)``; the first frame fully decoded.
+
+    The size from the header is checked against ``max_pixels`` before any pixel is decoded.
+    Transparent images are composited on white (as the Hugging Face processor does).
+    """
     from PIL import Image
 
+    label = describe(source)
+    too_many = f"over the {limits.max_pixels}-pixel limit (decompression-bomb guard); {hint('max_pixels')}"
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            if width * height > limits.max_pixels:
-                raise ImageError(
-                    f"{describe(source)}: {width}x{height} pixels exceeds the {limits.max_pixels}-pixel limit"
-                )
-            probe.load()
-            return probe.convert("RGB")
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{describe(source)}: not a readable image ({e})") from None
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Only raised by Pillow past its own limit (>= ours); a warning only when warnings are errors.
+        raise ImageError(f"{label}: image is {_pillow_size(e)}{too_many}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(
+            f"{label}: not an image in an accepted format ({', '.join(FORMATS)})"
+        ) from None
+    except Exception as e:  # any failure on hostile bytes is the request's problem, not a 500
+        raise ImageError(f"{label}: not a readable image ({type(e).__name__}: {e})") from None
+    with image:
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise ImageError(f"{label}: image is {width}x{height} = {width * height} pixels, {too_many}")
+        try:
+            image.load()  # the first frame, completely: truncated data raises here
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                rgb = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                rgb.alpha_composite(rgba)
+                rgb = rgb.convert("RGB")
+            else:
+                rgb = image.convert("RGB")
+        except Exception as e:
+            raise ImageError(f"{label}: not a readable image, decoding failed ({type(e).__name__}: {e})") from None
+        return rgb, image.format
+
+
+def _pillow_size(e: BaseException) -> str:
+    match = re.search(r"\((\d+) pixels\)", str(e))
+    return f"{match.group(1)} pixels, " if match else ""
+
+
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp", "BMP": "image/bmp"}
 
 
 def load_image(source: str, limits: Optional[ImageLimits] = None):
-    """One image source (``data:`` URI or http(s) URL) → RGB PIL image."""
-    limits = limits or ImageLimits.from_env()
-    scheme = source.split(":", 1)[0].lower() if ":" in source else ""
-    if scheme == "data":
-        data = decode_data_uri(source, limits)
-    elif scheme in ("http", "https"):
-        data = fetch(source, limits)
-    else:
-        raise ImageError(
-            f"{describe(source)}: unsupported image source; send a data: URI (base64) or an http(s) URL"
-        )
-    return decode(data, source, limits)
+    """One image source → a fully decoded RGB PIL image, or :class:`ImageError`."""
+    limits = limits if limits is not None else ImageLimits.from_config(None)
+    image, _ = decode(read_bytes(source, limits), source, limits)
+    return image
 
 
 def load_images(sources: Sequence[str], limits: Optional[ImageLimits] = None) -> list:
     """Every source in order, as RGB PIL images."""
-    limits = limits or ImageLimits.from_env()
+    limits = limits if limits is not None else ImageLimits.from_config(None)
     return [load_image(s, limits) for s in sources]
+
+
+def inline(source: str, limits: Optional[ImageLimits] = None) -> str:
+    """Validate a source completely (fetch/read and full decode) and return a base64 ``data:``
+    URI of its original bytes, so the model process only ever receives data URIs."""
+    limits = limits if limits is not None else ImageLimits.from_config(None)
+    data = read_bytes(source, limits)
+    _, fmt = decode(data, source, limits)
+    return f"data:{_MIME.get(fmt, 'application/octet-stream')};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+if __name__ == "__main__":  # python -m xinf_llama_vision.images → the knobs table for docs/security.md
+    print(knobs_table(), end="")
