@@ -48,8 +48,9 @@ from .messages import RequestError
 MiB = 1024 * 1024
 
 #: Pillow formats accepted (``Image.open(..., formats=FORMATS)``): what chat clients send.
-#: Exotic formats are not even probed (EPS, for one, would run Ghostscript).
-FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP")
+#: Exotic formats are not even probed (EPS, for one, would run Ghostscript). Multi-picture
+#: JPEGs from phones (MPO) open through the JPEG plugin.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 
 #: Redirect statuses that are followed (each hop re-checked).
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -659,7 +660,7 @@ def _transport_error(e: BaseException, label: str, limits: ImageLimits, guard: _
     if isinstance(e, ssl.SSLCertVerificationError):
         return ImageError(f"{label}: TLS certificate verification failed ({e.verify_message or e})")
     if isinstance(e, http.client.IncompleteRead):
-        return ImageError(f"{label}: the server closed the connection after {len(e.partial)} bytes, before the declared end of the body")
+        return ImageError(f"{label}: the server closed the connection after {len(e.partial)} bytes, before the end of the body")
     return ImageError(f"{label}: download failed ({type(e).__name__}: {e})")
 
 
@@ -738,6 +739,11 @@ def _hop(url: str, label: str, limits: ImageLimits, guard: _Deadline) -> Tuple[O
             chunks.append(chunk)
         if guard.expired:
             raise _DeadlinePassed()
+        if declared.isdigit() and total < int(declared):  # read1 ends quietly on an early close
+            raise ImageError(
+                f"{label}: the server closed the connection after {total} bytes, before the declared "
+                f"{int(declared)} (Content-Length)"
+            )
         return None, b"".join(chunks)
     except ImageError:
         raise
@@ -875,6 +881,7 @@ def decode(data: bytes, source: str, limits: ImageLimits):
 
     label = describe(source)
     too_many = f"over the {limits.max_pixels}-pixel limit (decompression-bomb guard); {hint('max_pixels')}"
+    Image.init()  # registers every plugin once, so FORMATS can be named (WEBP)
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -882,7 +889,7 @@ def decode(data: bytes, source: str, limits: ImageLimits):
         raise ImageError(f"{label}: image is {_pillow_size(e)}{too_many}") from None
     except Image.UnidentifiedImageError:
         raise ImageError(
-            f"{label}: not an image in an accepted format ({', '.join(FORMATS)})"
+            f"{label}: not an image in an accepted format ({', '.join(FORMATS)}), or its header is cut off"
         ) from None
     except Exception as e:  # any failure on hostile bytes is the request's problem, not a 500
         raise ImageError(f"{label}: not a readable image ({type(e).__name__}: {e})") from None
