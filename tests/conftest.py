@@ -77,6 +77,16 @@ class Server:
                  "--model_path", model_path, "--model-uid", uid, *extra)
         return uid
 
+    def post(self, path: str, body: dict, timeout: float = 300):
+        """A raw HTTP POST: ``(status, parsed JSON or SSE text)``, for exact status codes."""
+        import httpx
+
+        response = httpx.post(self.endpoint + path, json=body, timeout=timeout)
+        try:
+            return response.status_code, response.json()
+        except ValueError:
+            return response.status_code, response.text
+
     def stop(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -90,6 +100,24 @@ class Server:
         from openai import OpenAI
 
         return OpenAI(base_url=self.endpoint + "/v1", api_key="not-used", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def launched(server, tiny_checkpoint):
+    """``launched(model_name, *launch options)`` → model uid; each distinct launch happens once a session.
+
+    Xinference's per-model virtualenv mode is its default; pass ``"--disable-virtual-env"`` to turn it off.
+    """
+    uids: dict = {}
+
+    def launch(model_name: str, *extra: str) -> str:
+        key = (model_name, extra)
+        if key not in uids:
+            uid = f"{model_name}-{len(uids)}".replace(".", "-")
+            uids[key] = server.launch(model_name, uid, tiny_checkpoint, *extra)
+        return uids[key]
+
+    return launch
 
 
 @pytest.fixture(scope="session")

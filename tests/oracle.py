@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime
 import io
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,13 +32,28 @@ def today() -> str:
 
 
 def to_hf(messages: List[dict]) -> List[dict]:
-    """OpenAI message shapes → the HF shapes the official template reads (images as {"type": "image"})."""
+    """OpenAI message shapes → the HF shapes the official template reads.
+
+    Images become ``{"type": "image"}``; tool-call arguments (a JSON string in OpenAI's API) become
+    the dict HF templates expect; list content of system and tool turns becomes its text (the
+    template would print the list's Python repr there).
+    """
     out = []
     for m in messages:
         m = dict(m)
-        if isinstance(m.get("content"), list):
-            m["content"] = [
-                {"type": "image"} if p.get("type") in ("image_url", "image") else p for p in m["content"]
+        content = m.get("content")
+        if isinstance(content, list):
+            if m["role"] in ("system", "tool"):
+                m["content"] = "".join(p["text"] for p in content)
+            else:
+                m["content"] = [{"type": "image"} if p.get("type") in ("image_url", "image") else p for p in content]
+        if m.get("tool_calls"):
+            if not m.get("content"):
+                m.pop("content", None)  # OpenAI sends null; the template iterates over it
+            m["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                if isinstance(c["function"].get("arguments"), str) else c
+                for c in m["tool_calls"]
             ]
         out.append(m)
     return out

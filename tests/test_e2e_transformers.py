@@ -14,14 +14,22 @@ RED, BLUE = png((200, 30, 30)), png((10, 20, 220), size=(30, 90))
 MAX = 12
 
 
-@pytest.fixture(scope="module")
-def chat_uid(server, tiny_checkpoint):
-    return server.launch("llama-3.2-vision-instruct", "vision-chat", tiny_checkpoint, "--disable-virtual-env")
+VENV = {"virtualenv on": (), "virtualenv off": ("--disable-virtual-env",)}
+
+
+@pytest.fixture(scope="module", params=VENV)
+def venv(request):
+    return VENV[request.param]
 
 
 @pytest.fixture(scope="module")
-def base_uid(server, tiny_checkpoint):
-    return server.launch("llama-3.2-vision", "vision-base", tiny_checkpoint, "--disable-virtual-env")
+def chat_uid(launched, venv):
+    return launched("llama-3.2-vision-instruct", *venv)
+
+
+@pytest.fixture(scope="module")
+def base_uid(launched, venv):
+    return launched("llama-3.2-vision", *venv)
 
 
 def image_message(image, question="What is in this image?"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from oracle import TEMPLATE, to_hf
@@ -22,9 +24,10 @@ def official():
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
     template = TEMPLATE.read_text()
 
-    def render(messages):
+    def render(messages, **kwargs):
         return tokenizer.apply_chat_template(
-            to_hf(messages), chat_template=template, tokenize=False, add_generation_prompt=True, date_string=DATE
+            to_hf(messages), chat_template=template, tokenize=False, add_generation_prompt=True, date_string=DATE,
+            **kwargs,
         )
 
     return render
@@ -62,6 +65,54 @@ SHAPES = {
 @pytest.mark.parametrize("shape", SHAPES)
 def test_prompt_is_byte_identical_to_official_template(official, shape):
     messages = SHAPES[shape]
+    assert build_chat_prompt(messages, date_string=DATE, max_images=2).text == official(messages)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city, in °C",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'}}
+TOOL_SHAPES = {
+    "tools, first user message": [{"role": "user", "content": "  Weather in Zürich?  "}],
+    "tools with a system message": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Weather in Zürich?"},
+    ],
+    "tool call and tool result": [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 degrees"},
+    ],
+    "tool result as an object": [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "ipython", "content": {"temperature": 22}},
+    ],
+    "tool result as text parts": [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "content": [{"type": "text", "text": "22 "}, {"type": "text", "text": "degrees"}]},
+        {"role": "assistant", "content": "It is 22 °C."},
+        {"role": "user", "content": "Thanks. And tomorrow?"},
+    ],
+}
+
+
+@pytest.mark.parametrize("shape", TOOL_SHAPES)
+@pytest.mark.parametrize("in_user", [True, False])
+def test_tools_render_as_the_official_template(official, shape, in_user):
+    messages = TOOL_SHAPES[shape]
+    ours = build_chat_prompt(messages, date_string=DATE, tools=[WEATHER], tools_in_user_message=in_user).text
+    assert ours == official(messages, tools=[WEATHER], tools_in_user_message=in_user)
+
+
+def test_tool_turns_without_tools_render_as_the_official_template(official):
+    messages = TOOL_SHAPES["tool call and tool result"]
     assert build_chat_prompt(messages, date_string=DATE).text == official(messages)
 
 
@@ -99,7 +150,7 @@ REFUSED = {
     "image_url without url": ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "has no 'url'"),
     "ends with assistant": (
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
-        "must end with a user message",
+        "must end with a user (or tool) message",
     ),
     "two images, default limit": ([{"role": "user", "content": [IMG, URL]}], "2 images sent, this model accepts at most 1"),
     "unknown role": ([{"role": "robot", "content": "hi"}], "messages[0].role: 'robot' is not supported"),
@@ -108,13 +159,37 @@ REFUSED = {
         "messages[1]: a system message must be the first message",
     ),
     "content not text": ([{"role": "user", "content": 42}], "expected a string or a list of parts, got int"),
+    "two tool calls": (
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL, CALL]},
+         {"role": "tool", "content": "x"}],
+        "messages[1].tool_calls: Llama 3.2 Vision makes one tool call at a time",
+    ),
+    "tool arguments not JSON": (
+        [{"role": "user", "content": "hi"},
+         {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+         {"role": "tool", "content": "x"}],
+        "messages[1].tool_calls[0].function.arguments: not valid JSON",
+    ),
+    "only a system message": ([{"role": "system", "content": "x"}], "at least one user message"),
 }
+
+
+def test_images_with_tools_are_refused():
+    with pytest.raises(RequestError, match="cannot call tools in a conversation with images"):
+        build_chat_prompt(SHAPES["image then text"], date_string=DATE, tools=[WEATHER])
+
+
+def test_tools_need_a_first_user_message():
+    with pytest.raises(RequestError, match="with tools, the first message after the system message must be a user"):
+        build_chat_prompt(
+            [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], date_string=DATE, tools=[WEATHER]
+        )
 
 
 @pytest.mark.parametrize("case", REFUSED)
 def test_refusals_name_the_problem(case):
     messages, message = REFUSED[case]
-    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+    with pytest.raises(RequestError, match=re.escape(message)):
         build_chat_prompt(messages, date_string=DATE)
 
 

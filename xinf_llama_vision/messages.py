@@ -16,6 +16,7 @@ wrong prompt. The tests compare it byte for byte with the official Jinja templat
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -55,20 +56,6 @@ def header(role: str) -> str:
 def today() -> str:
     """Today's date as the official template writes it (``strftime("%d %b %Y")``)."""
     return datetime.date.today().strftime("%d %b %Y")
-
-
-def system_block(system_message: str, date_string: str) -> str:
-    """The system turn the template adds: knowledge cutoff, today's date, then the user's text.
-
-    >>> system_block("", "26 Jul 2024")
-    '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n<|eot_id|>'
-    """
-    return (
-        header("system")
-        + f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}\nToday Date: {date_string}\n\n"
-        + system_message
-        + EOT
-    )
 
 
 def _where(i: int, j: Optional[int] = None) -> str:
@@ -145,12 +132,84 @@ def text_only(parts: List[Dict[str, Any]], where: str, role: str) -> str:
     return "".join(p["text"] for p in parts)
 
 
+TOOLS_PREAMBLE = (
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+
+
+def tools_text(tools: Sequence[Dict[str, Any]]) -> str:
+    """Tool definitions as the template writes them: each one as JSON indented by 4, then a blank line.
+
+    >>> print(tools_text([{"name": "f"}]), end="|")
+    {
+        "name": "f"
+    }
+    <BLANKLINE>
+    |
+    """
+    return "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in tools)
+
+
+def check_tools(tools: Any) -> Optional[List[Dict[str, Any]]]:
+    """``None`` for no tools (an empty list counts as none), else the list of tool objects."""
+    if tools is not None and not isinstance(tools, (str, bytes, dict, list)) and hasattr(tools, "__iter__"):
+        tools = list(tools)  # Xinference hands the model an iterator over the request's tools
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RequestError('tools: expected a list of tool objects ({"type": "function", "function": {...}})')
+    return tools
+
+
+def tool_call_text(message: Dict[str, Any], where: str) -> str:
+    """An assistant turn that called a tool, as the model wrote it.
+
+    >>> tool_call_text({"tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}, "m")
+    '{"name": "f", "parameters": {"x": 1}}'
+    """
+    calls = message["tool_calls"]
+    if not isinstance(calls, list) or len(calls) != 1:
+        raise RequestError(f"{where}.tool_calls: Llama 3.2 Vision makes one tool call at a time; send exactly one")
+    function = calls[0].get("function") if isinstance(calls[0], dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"{where}.tool_calls[0].function.name: missing; send the name of the function called")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):  # OpenAI sends the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise RequestError(f"{where}.tool_calls[0].function.arguments: not valid JSON") from None
+    return '{"name": "' + name + '", "parameters": ' + json.dumps(arguments, ensure_ascii=False) + "}"
+
+
+def tool_result_text(content: Any, where: str) -> str:
+    """A tool result as the template writes it: JSON (a string result becomes a JSON string).
+
+    >>> tool_result_text("22 degrees", "m")
+    '"22 degrees"'
+    >>> tool_result_text({"temperature": 22}, "m")
+    '{"temperature": 22}'
+    """
+    if isinstance(content, list):
+        content = text_only(content_parts(content, where), where, "tool")
+    elif not isinstance(content, (str, dict)):
+        raise RequestError(f"{where}.content: a tool result must be a string, an object or a list of text parts")
+    return json.dumps(content, ensure_ascii=False)
+
+
+ROLES = ("system", "user", "assistant", "tool", "ipython")
+
+
 def build_chat_prompt(
     messages: Sequence[Dict[str, Any]],
     *,
     date_string: Optional[str] = None,
     add_generation_prompt: bool = True,
     max_images: Optional[int] = None,
+    tools: Any = None,
+    tools_in_user_message: bool = True,
 ) -> Prompt:
     """Render a chat request exactly as the official Llama 3.2 Vision instruct template does.
 
@@ -167,66 +226,140 @@ def build_chat_prompt(
     Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>
     <BLANKLINE>
     <BLANKLINE>
+
+    Where the template would render something meaningless, the request is refused instead:
+
+    >>> build_chat_prompt([{"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]}],
+    ...                   tools=[{"type": "function", "function": {"name": "f"}}])
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.messages.RequestError: tools: Llama 3.2 Vision cannot call tools in a conversation with images (Meta: tool calling works with text-only inputs); send the tools without images, or the images without tools
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RequestError("messages: send at least one message")
+    tools = check_tools(tools)
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise RequestError(f"{_where(i)}: expected an object with 'role' and 'content', got {type(m).__name__}")
-        if m.get("role") not in ("system", "user", "assistant"):
+        if m.get("role") not in ROLES:
             raise RequestError(
-                f"{_where(i)}.role: {m.get('role')!r} is not supported; use 'system', 'user' or 'assistant'"
+                f"{_where(i)}.role: {m.get('role')!r} is not supported; use 'system', 'user', 'assistant' or 'tool'"
             )
         if m.get("role") == "system" and i > 0:
             raise RequestError(f"{_where(i)}: a system message must be the first message")
-        if m.get("content") is None:
+        if m.get("content") is None and not (m["role"] == "assistant" and m.get("tool_calls")):
             raise RequestError(f"{_where(i)}.content: missing; send a string or a list of parts")
 
-    turns = [(i, m["role"], content_parts(m["content"], _where(i))) for i, m in enumerate(messages)]
-    system_message, user_supplied_system = "", False
-    if turns[0][1] == "system":
-        i, role, parts = turns.pop(0)
-        system_message, user_supplied_system = text_only(parts, _where(i), role).strip(), True
-    for i, role, parts in turns:
-        if role == "assistant":
-            text_only(parts, _where(i), role)
-    if not turns or (add_generation_prompt and turns[-1][1] != "user"):
-        raise RequestError("messages: the conversation must end with a user message to get an answer")
+    system_message, user_supplied_system = "", messages[0]["role"] == "system"
+    if user_supplied_system:
+        system_message = text_only(content_parts(messages[0]["content"], _where(0)), _where(0), "system").strip()
+    turns: List[Tuple[str, str]] = []  # (header role, body)
+    images: List[str] = []
+    for i in range(int(user_supplied_system), len(messages)):
+        m, where = messages[i], _where(i)
+        role = m["role"]
+        if role == "assistant" and m.get("tool_calls"):
+            turns.append(("assistant", tool_call_text(m, where)))
+        elif role in ("tool", "ipython"):
+            turns.append(("ipython", tool_result_text(m["content"], where)))
+        elif role == "assistant":
+            turns.append((role, text_only(content_parts(m["content"], where), where, role)))
+        else:
+            parts = content_parts(m["content"], where)
+            images.extend(p["url"] for p in parts if p["type"] == "image")
+            turns.append((role, "".join(IMAGE if p["type"] == "image" else p["text"] for p in parts)))
+    if not turns:
+        raise RequestError("messages: send at least one user message after the system message")
+    if add_generation_prompt and turns[-1][0] not in ("user", "ipython"):
+        raise RequestError("messages: the conversation must end with a user (or tool) message to get an answer")
 
-    images = tuple(p["url"] for _, _, parts in turns for p in parts if p["type"] == "image")
     limit = DEFAULT_MAX_IMAGES if max_images is None else max_images
     if len(images) > limit:
         raise RequestError(
             f"messages: {len(images)} images sent, this model accepts at most {limit} per request "
             f"(launch option max_images); Meta recommends one image per prompt"
         )
+    if tools and images:
+        raise RequestError(
+            "tools: Llama 3.2 Vision cannot call tools in a conversation with images (Meta: tool calling works "
+            "with text-only inputs); send the tools without images, or the images without tools"
+        )
 
     out = [BOS]
     if user_supplied_system or not images:
-        out.append(system_block(system_message, date_string or today()))
-    for _, role, parts in turns:
-        out.append(header(role))
-        out.extend(IMAGE if p["type"] == "image" else p["text"] for p in parts)
-        out.append(EOT)
+        out.append(header("system"))
+        if tools:
+            out.append("Environment: ipython\n")
+        out.append(f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}\nToday Date: {date_string or today()}\n\n")
+        if tools and not tools_in_user_message:
+            out.append(
+                "You have access to the following functions. To call a function, please respond with JSON for a "
+                "function call." + TOOLS_PREAMBLE + tools_text(tools)
+            )
+        out.append(system_message + EOT)
+    if tools and tools_in_user_message:
+        role, first = turns.pop(0)
+        if role != "user":
+            raise RequestError("messages: with tools, the first message after the system message must be a user message")
+        out.append(
+            header("user")
+            + "Given the following functions, please respond with a JSON for a function call with its proper "
+            "arguments that best answers the given prompt.\n\n" + TOOLS_PREAMBLE + tools_text(tools)
+            + first.strip() + EOT
+        )
+    for role, body in turns:
+        out.append(header(role) + body + EOT)
     if add_generation_prompt:
         out.append(header("assistant"))
-    return Prompt("".join(out), images)
+    return Prompt("".join(out), tuple(images))
 
 
-def build_completion_prompt(prompt: Any, images: Sequence[str] = ()) -> Prompt:
+def replace_images(messages: Sequence[Dict[str, Any]], sources: Sequence[str]) -> List[Dict[str, Any]]:
+    """A copy of ``messages`` whose image parts, in prompt order, point at ``sources`` instead.
+
+    The API process uses it to forward inlined (``data:``) images to the model.
+
+    >>> replace_images([{"role": "user", "content": [{"type": "image", "url": "https://x"}, {"type": "text", "text": "?"}]}],
+    ...                ["data:image/png;base64,AAAA"])[0]["content"]
+    [{'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,AAAA'}}, {'type': 'text', 'text': '?'}]
+    """
+    remaining = list(sources)
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [
+                {"type": "image_url", "image_url": {"url": remaining.pop(0)}}
+                if isinstance(part, dict) and part.get("type") in ("image_url", "image")
+                else part
+                for part in content
+            ]
+            message = {**message, "content": content}
+        out.append(message)
+    if remaining:
+        raise ValueError(f"{len(remaining)} image source(s) left over: the messages hold fewer images")
+    return out
+
+
+def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images: Optional[int] = None) -> Prompt:
     """A base-model prompt with exactly one ``<|begin_of_text|>``, placed as Meta's processor does.
 
     >>> build_completion_prompt("<|image|>If I had to write a haiku", ["https://x/y.png"]).text
     '<|image|><|begin_of_text|>If I had to write a haiku'
     >>> build_completion_prompt("<|begin_of_text|>Once upon").text
     '<|begin_of_text|>Once upon'
-    >>> build_completion_prompt("Two images: <|image|>", ["a", "b"])
+    >>> build_completion_prompt("Two images: <|image|>", ["a", "b"], max_images=2)
     Traceback (most recent call last):
     ...
     xinf_llama_vision.messages.RequestError: prompt: 1 <|image|> token(s) but 2 image(s) sent; put one <|image|> in the prompt where each image goes
     """
     if not isinstance(prompt, str):
         raise RequestError("prompt: send one string")
+    limit = DEFAULT_MAX_IMAGES if max_images is None else max_images
+    if len(images) > limit:
+        raise RequestError(
+            f"images: {len(images)} sent, this model accepts at most {limit} per request (launch option max_images)"
+        )
     n_tokens = prompt.count(IMAGE)
     if n_tokens != len(images):
         raise RequestError(

@@ -27,6 +27,8 @@ logger = logging.getLogger("xinf_llama_vision")
 ENGINES: Tuple[Tuple[str, str], ...] = (
     ("Transformers", "xinf_llama_vision.engines.transformers:MllamaChatModel"),
     ("Transformers", "xinf_llama_vision.engines.transformers:MllamaGenerateModel"),
+    ("vLLM", "xinf_llama_vision.engines.vllm:MllamaVLLMChatModel"),
+    ("vLLM", "xinf_llama_vision.engines.vllm:MllamaVLLMGenerateModel"),
 )
 
 _lock = threading.RLock()
@@ -78,18 +80,6 @@ def serves(llm_family, kind: str) -> Tuple[bool, str]:
                 return True, ""
             return False, f"{name} is a {families[name].kind} family; this engine class serves {kind} families"
     return False, f"xinf-llama-vision serves {', '.join(sorted(families))}, not {llm_family.model_name}"
-
-
-def launch_int(config: Dict[str, Any], name: str, default: int) -> int:
-    """An integer launch option (``xinference launch ... --NAME VALUE``), validated."""
-    value = config.get(name, default)
-    try:
-        value = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"launch option {name} must be an integer, got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"launch option {name} must be >= 0, got {value}")
-    return value
 
 
 def to_xinference(family) -> Any:

@@ -17,9 +17,11 @@ from xinference.model.llm.transformers.core import PytorchChatModel, PytorchMode
 from xinference.model.llm.utils import generate_completion, generate_completion_chunk
 
 from ..generation import Detokenizer, Sampling, StopText, sampling_from_config
-from ..images import ImageLimits, load_images
-from ..messages import DEFAULT_MAX_IMAGES, Prompt, RequestError, build_chat_prompt, build_completion_prompt
-from ..registration import launch_int, serves
+from ..images import load_images
+from ..messages import Prompt, RequestError
+from ..registration import serves
+from ..validation import chat_prompt, completion_prompt, launch_policy
+from .common import launched
 
 
 class _Mllama:
@@ -28,6 +30,12 @@ class _Mllama:
     kind = ""
     #: Xinference's model actor then runs one request at a time for this model.
     allow_batch = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Launch options are checked here, so a bad one fails the launch with its message.
+        self._policy = launch_policy(self.kind, self._pytorch_model_config)
+        self.model_family = launched(self.model_family, self._policy)
 
     @classmethod
     def check_lib(cls):
@@ -59,13 +67,11 @@ class _Mllama:
         model = MllamaForConditionalGeneration.from_pretrained(self.model_path, low_cpu_mem_usage=True, **kwargs)
         tokenizer = self._processor.tokenizer
         self._stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
-        self._max_images = launch_int(self._pytorch_model_config, "max_images", DEFAULT_MAX_IMAGES)
-        self._image_limits = ImageLimits.from_env()
         return model.eval(), tokenizer
 
     # -- one request ------------------------------------------------------------------
     def _inputs(self, prompt: Prompt):
-        images = load_images(prompt.images, self._image_limits)
+        images = load_images(prompt.images, self._policy.limits())
         inputs = self._processor(
             images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
         )
@@ -201,6 +207,12 @@ class _Mllama:
             )
 
 
+    def generate(self, prompt: str, generate_config: Optional[Dict] = None, **kwargs):
+        """Raw completion (both families); images ride in the request's ``images`` list."""
+        config = dict(generate_config or {})
+        return self._complete(completion_prompt(prompt, config, self._policy), config)
+
+
 class MllamaChatModel(_Mllama, PytorchChatModel):
     """``llama-3.2-vision-instruct``: chat with images through the official template."""
 
@@ -208,23 +220,16 @@ class MllamaChatModel(_Mllama, PytorchChatModel):
 
     def chat(self, messages: List[Dict], generate_config: Optional[Dict] = None, **kwargs):
         config = dict(generate_config or {})
-        prompt = build_chat_prompt(messages, max_images=self._max_images)
+        prompt, tools = chat_prompt(messages, config, self._policy)
         result = self._complete(prompt, config)
+        if tools:  # never streamed (refused up front): parse the whole answer for a tool call
+            return self._post_process_completion(self.model_family, self.model_uid, result, tools)
         if isinstance(result, dict):
             return self._to_chat_completion(result, None)
         return self._to_chat_completion_chunks(result, None)
 
 
 class MllamaGenerateModel(_Mllama, PytorchModel):
-    """``llama-3.2-vision``: raw completion; images ride in the request's ``images`` list."""
+    """``llama-3.2-vision``: raw completion, ``<|image|>`` in the prompt where each image goes."""
 
     kind = "base"
-
-    def generate(self, prompt: str, generate_config: Optional[Dict] = None, **kwargs):
-        config = dict(generate_config or {})
-        images = config.get("images") or []
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise RequestError("images: expected a list of image URLs (data: URIs or http(s) URLs)")
-        if len(images) > self._max_images:
-            raise RequestError(f"images: {len(images)} sent, this model accepts at most {self._max_images}")
-        return self._complete(build_completion_prompt(prompt, images), config)

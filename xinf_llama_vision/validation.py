@@ -1,0 +1,186 @@
+"""Request checks that run in Xinference's API process, before a request reaches the model.
+
+Xinference's REST layer answers most exceptions raised inside a model with a generic HTTP 500,
+and a streaming request has already sent its 200 by then. So every check that can fail because
+of what the user sent runs here first (:mod:`xinf_llama_vision.api` calls :func:`check`): a
+:class:`~xinf_llama_vision.messages.RequestError` becomes an HTTP 400 with its message.
+http(s) images are fetched here (once, through the safe loader) and forwarded to the model as
+``data:`` URIs, so the model process never opens a URL.
+
+Each launched model publishes its :class:`Policy` (family kind, image limits) in its Xinference
+description; models without one are not ours and pass through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .generation import sampling_from_config
+from .images import ImageLimits, inline
+from .messages import (
+    DEFAULT_MAX_IMAGES,
+    Prompt,
+    RequestError,
+    build_chat_prompt,
+    build_completion_prompt,
+    check_tools,
+    replace_images,
+)
+
+#: The key under which a launched model publishes its policy in its Xinference description.
+POLICY_KEY = "xinf_llama_vision"
+#: Xinference's completion route passes only known fields on to the model; images for
+#: ``/v1/completions`` travel inside ``chat_template_kwargs`` under this key.
+COMPLETION_IMAGES = "xinf_llama_vision_images"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the API process needs to know about one launched model."""
+
+    kind: str  # "base" or "instruct"
+    max_images: int = DEFAULT_MAX_IMAGES
+    image_limits: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
+        return cls(**{k: data[k] for k in ("kind", "max_images", "image_limits") if k in data})
+
+    def limits(self) -> ImageLimits:
+        return ImageLimits(**self.image_limits)
+
+
+def launch_policy(kind: str, config: Optional[Mapping[str, Any]]) -> Policy:
+    """The policy of a model launched with ``config`` (its launch options); bad options raise ``ValueError``.
+
+    >>> launch_policy("instruct", {"max_images": "2"}).max_images
+    2
+    >>> launch_policy("instruct", {"max_images": "two"})
+    Traceback (most recent call last):
+    ...
+    ValueError: launch option max_images must be an integer >= 1, got 'two'
+    """
+    config = dict(config or {})
+    value = config.get("max_images", DEFAULT_MAX_IMAGES)
+    try:
+        max_images = int(value)
+        if max_images < 1 or max_images != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"launch option max_images must be an integer >= 1, got {value!r}") from None
+    return Policy(kind=kind, max_images=max_images, image_limits=ImageLimits.from_config(config).to_dict())
+
+
+def _object(body: Any) -> Dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError("request body: expected a JSON object")
+    return body
+
+
+def template_options(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The template options a request may set in ``chat_template_kwargs``.
+
+    >>> template_options({"chat_template_kwargs": {"date_string": "26 Jul 2024", "enable_thinking": None}})
+    {'date_string': '26 Jul 2024'}
+    >>> template_options({"chat_template_kwargs": {"tools_in_user_message": "yes"}})
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.messages.RequestError: chat_template_kwargs.tools_in_user_message: expected true or false
+    """
+    kwargs = config.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return {}
+    out: Dict[str, Any] = {}
+    if kwargs.get("date_string") is not None:
+        if not isinstance(kwargs["date_string"], str):
+            raise RequestError("chat_template_kwargs.date_string: expected a string such as '26 Jul 2024'")
+        out["date_string"] = kwargs["date_string"]
+    if kwargs.get("tools_in_user_message") is not None:
+        if not isinstance(kwargs["tools_in_user_message"], bool):
+            raise RequestError("chat_template_kwargs.tools_in_user_message: expected true or false")
+        out["tools_in_user_message"] = kwargs["tools_in_user_message"]
+    return out
+
+
+def completion_images(body: Mapping[str, Any]) -> List[str]:
+    """The images of a completion request: its ``images`` field, a list of image URLs (once the API
+    process has checked a request, they travel on in ``chat_template_kwargs``).
+
+    >>> completion_images({"images": ["data:image/png;base64,AAAA"]})
+    ['data:image/png;base64,AAAA']
+    >>> completion_images({"images": "https://x/y.png"})
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.messages.RequestError: images: expected a list of image URLs (data: URIs or http(s) URLs), got str
+    """
+    kwargs = body.get("chat_template_kwargs")
+    if isinstance(kwargs, dict) and COMPLETION_IMAGES in kwargs:
+        images = kwargs[COMPLETION_IMAGES]
+    else:
+        images = body.get("images")
+    if images is None:
+        return []
+    if not isinstance(images, list) or not all(isinstance(i, str) and i.strip() for i in images):
+        got = type(images).__name__ if not isinstance(images, list) else "a list with a non-string or empty item"
+        raise RequestError(f"images: expected a list of image URLs (data: URIs or http(s) URLs), got {got}")
+    return [i.strip() for i in images]
+
+
+def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tuple[Prompt, Optional[List[Dict]]]:
+    """A chat request → (prompt, tools); tools are ``None`` when the request has none.
+
+    The API process and every engine build the prompt through this one function.
+    """
+    if policy.kind != "instruct":
+        raise RequestError(
+            "this is a base (pretrained) model: it has no chat template; send a raw prompt to "
+            "/v1/completions (with <|image|> where the image goes), or launch llama-3.2-vision-instruct"
+        )
+    sampling_from_config(config)
+    tools = check_tools(config.get("tools"))
+    prompt = build_chat_prompt(messages, max_images=policy.max_images, tools=tools, **template_options(config))
+    if tools and config.get("stream"):
+        raise RequestError("stream: tool calls cannot be streamed with Llama 3.2 Vision; send stream=false with tools")
+    return prompt, tools
+
+
+def completion_prompt(prompt: Any, config: Mapping[str, Any], policy: Policy) -> Prompt:
+    """A completion request → its prompt and images (any family: the prompt is raw text)."""
+    sampling_from_config(config)
+    return build_completion_prompt(prompt, completion_images(config), max_images=policy.max_images)
+
+
+def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:
+    """Validate a ``/v1/chat/completions`` body; return it with every image inlined as a data URI."""
+    body = _object(body)
+    prompt, _ = chat_prompt(body.get("messages"), body, policy)
+    if not prompt.images:
+        return body
+    limits = policy.limits()
+    inlined = [inline(source, limits) for source in prompt.images]
+    return {**body, "messages": replace_images(body["messages"], inlined)}
+
+
+def check_completion(body: Any, policy: Policy) -> Dict[str, Any]:
+    """Validate a ``/v1/completions`` body; its ``images`` travel on, inlined, to the model."""
+    body = _object(body)
+    prompt = completion_prompt(body.get("prompt"), body, policy)
+    out = {k: v for k, v in body.items() if k != "images"}
+    if prompt.images:
+        limits = policy.limits()
+        kwargs = out.get("chat_template_kwargs")
+        kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+        kwargs[COMPLETION_IMAGES] = [inline(source, limits) for source in prompt.images]
+        out["chat_template_kwargs"] = kwargs
+    return out
+
+
+#: REST path → the check for it.
+CHECKS = {
+    "/v1/chat/completions": check_chat,
+    "/v1/completions": check_completion,
+}
