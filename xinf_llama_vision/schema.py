@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Annotated, Dict, List, Literal, Optional, Union
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Ability = Literal["generate", "chat", "vision", "tools"]
@@ -32,11 +35,31 @@ class StopToken(_Strict):
     id: int = Field(ge=0)
 
 
+#: The vLLM releases that can run Mllama: it arrived in 0.6.3 (with the V0 engine it needs)
+#: and was removed after 0.10.2.
+VLLM_MIN, VLLM_MAX = "0.6.3", "0.10.2"
+VLLM_MLLAMA_VERSIONS = SpecifierSet(f">={VLLM_MIN},<={VLLM_MAX}")
+
+
+class VLLMDefaults(_Strict):
+    """Launch defaults for the vLLM engine at one model size (each overridable at launch).
+
+    Llama 3.2 Vision has 8 key/value heads, so the tensor-parallel size divides 8.
+    """
+
+    enforce_eager: bool
+    max_num_seqs: int = Field(gt=0)
+    max_model_len: int = Field(gt=0)
+    gpu_memory_utilization: float = Field(gt=0, le=1)
+    tensor_parallel_size: Optional[Literal[1, 2, 4, 8]] = None
+
+
 class PytorchSpec(_Strict):
     model_format: Literal["pytorch"]
     model_size_in_billions: int = Field(gt=0)
     quantizations: List[str] = ["none"]
     hubs: Dict[Hub, str]
+    vllm: Optional[VLLMDefaults] = None
 
     @field_validator("hubs")
     @classmethod
@@ -66,6 +89,35 @@ class _Family(_Strict):
         if len(sizes) != len(set(sizes)):
             raise ValueError(f"duplicate model_size_in_billions in specs: {sizes}")
         return self
+
+    @model_validator(mode="after")
+    def _vllm_fits(self):
+        for spec in self.specs:
+            if spec.vllm is not None and spec.vllm.max_model_len > self.context_length:
+                raise ValueError(
+                    f"{spec.model_size_in_billions}B vllm.max_model_len {spec.vllm.max_model_len} "
+                    f"exceeds context_length {self.context_length}"
+                )
+        return self
+
+    @field_validator("virtualenv_packages")
+    @classmethod
+    def _vllm_that_runs_mllama(cls, packages: List[str]) -> List[str]:
+        for package in packages:
+            head = package.split(";", 1)[0].strip()
+            if head.startswith("#"):
+                continue  # Xinference placeholders such as #transformers_dependencies#
+            try:
+                requirement = Requirement(head)
+            except InvalidRequirement as e:
+                raise ValueError(f"{package!r} is not a valid requirement: {e}") from None
+            if canonicalize_name(requirement.name) == "vllm":
+                pinned = [s.version for s in requirement.specifier if s.operator in ("==", "===")]
+                if not pinned or not all(v in VLLM_MLLAMA_VERSIONS for v in pinned):
+                    raise ValueError(
+                        f"{package!r}: pin one vLLM release that runs Mllama (>= {VLLM_MIN}, <= {VLLM_MAX}), e.g. vllm=={VLLM_MAX}"
+                    )
+        return packages
 
     @property
     def stop(self) -> List[str]:

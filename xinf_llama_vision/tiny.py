@@ -62,6 +62,20 @@ def tokenizer_dir() -> str:
     return os.path.join(spec.submodule_search_locations[0], "tokenizer")
 
 
+def text_config() -> dict:
+    """:data:`TEXT` in the installed transformers' terms: 5.x reads ``rope_parameters``;
+    4.x (e.g. 4.53 beside vLLM) reads ``rope_theta`` and ``rope_scaling`` instead."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return dict(TEXT)
+    text = {k: v for k, v in TEXT.items() if k != "rope_parameters"}
+    rope = dict(TEXT["rope_parameters"])
+    text["rope_theta"] = rope.pop("rope_theta")
+    text["rope_scaling"] = rope
+    return text
+
+
 def build(out_dir: str, seed: int = 0) -> str:
     """Write a tiny random Mllama checkpoint (model, tokenizer, processor) to ``out_dir``."""
     import torch
@@ -82,7 +96,7 @@ def build(out_dir: str, seed: int = 0) -> str:
 
     config = MllamaConfig(
         text_config=dict(
-            TEXT,
+            text_config(),
             bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
             eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")],
             pad_token_id=tokenizer.convert_tokens_to_ids("<|finetune_right_pad_id|>"),
