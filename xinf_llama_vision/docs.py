@@ -1,0 +1,149 @@
+"""Generated parts of ``docs/``: written from the specs and the message adapter, checked for drift in CI.
+
+    python -m xinf_llama_vision.docs          # rewrite the generated blocks in docs/
+    python -m xinf_llama_vision.docs --check  # exit 1 if a generated block is out of date
+
+A generated block sits between ``<!-- generated: NAME -->`` and ``<!-- end generated -->``;
+everything outside those markers is hand-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+from .messages import build_chat_prompt, build_completion_prompt
+from .schema import load_families
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+DATE = "26 Jul 2024"
+
+
+def families_block() -> str:
+    """Each family and size: repositories and launch commands, from ``model_specs/``."""
+    out: List[str] = []
+    for family in load_families():
+        out += [
+            f"### `{family.model_name}` ({family.kind})",
+            "",
+            family.description,
+            "",
+            f"- Abilities: {', '.join(family.abilities)}",
+            f"- Languages: {', '.join(family.languages)}",
+            f"- Context length: {family.context_length}",
+            f"- Architecture: {', '.join(family.architectures)}",
+            f"- Stop tokens: {', '.join(f'`{t.token}` ({t.id})' for t in family.stop_tokens)}",
+            "",
+            "| Size | Hugging Face | ModelScope |",
+            "|---|---|---|",
+        ]
+        for spec in family.specs:
+            hubs = spec.hubs
+            out.append(
+                f"| {spec.model_size_in_billions}B | [`{hubs['huggingface']}`](https://huggingface.co/{hubs['huggingface']}) "
+                f"| `{hubs.get('modelscope', '-')}` |"
+            )
+        out += ["", "```bash"]
+        for spec in family.specs:
+            size = spec.model_size_in_billions
+            common = f"--model-name {family.model_name} --size-in-billions {size} --model-format {spec.model_format}"
+            out.append(f"xinference launch --model-engine transformers {common}")
+            if getattr(spec, "vllm", None) is not None:
+                gpus = f" --n-gpu {spec.vllm.tensor_parallel_size}" if spec.vllm.tensor_parallel_size else ""
+                out.append(f"xinference launch --model-engine vllm {common}{gpus}")
+        out += ["```", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+#: (title, messages, keyword arguments) for every chat shape the prompt-format page shows.
+CHAT_EXAMPLES = [
+    ("Image, then text (as Meta recommends)", [{"role": "user", "content": [IMG, {"type": "text", "text": "Describe this image."}]}], {}),
+    ("Text, then image (order kept)", [{"role": "user", "content": [{"type": "text", "text": "Look: "}, IMG]}], {}),
+    ("Text only (the template adds a system block)", [{"role": "user", "content": "Hello!"}], {}),
+    ("System message and text", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}], {}),
+    ("System message and image", [{"role": "system", "content": "You describe images."}, {"role": "user", "content": [IMG, {"type": "text", "text": "What is it?"}]}], {}),
+    ("Multi-turn: image first, text follow-ups", [
+        {"role": "user", "content": [IMG, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": "What colour?"},
+    ], {}),
+    ("Tools (text only), in the first user message", [{"role": "user", "content": "Weather in Oslo?"}], {"tools": [TOOL]}),
+    ("A tool call and its result", [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "content": "-3 degrees"},
+    ], {"tools": [TOOL]}),
+]
+COMPLETION_EXAMPLES = [
+    ("Base model, text", "Once upon a time", []),
+    ("Base model, one image", "<|image|>If I had to write a haiku for this one", ["data:image/png;base64,..."]),
+]
+
+
+def prompt_examples_block() -> str:
+    """One rendered example per shape, rendered by the adapter (whose output the tests compare
+    byte for byte with the official template)."""
+    out: List[str] = []
+    for title, messages, kwargs in CHAT_EXAMPLES:
+        prompt = build_chat_prompt(messages, date_string=DATE, **kwargs)
+        request = {"messages": messages, **kwargs}
+        out += [f"#### {title}", "", "```json", json.dumps(request, ensure_ascii=False), "```", "",
+                "```text", prompt.text, "```", ""]
+    for title, text, images in COMPLETION_EXAMPLES:
+        prompt = build_completion_prompt(text, images)
+        request = {"prompt": text, **({"images": images} if images else {})}
+        out += [f"#### {title}", "", "```json", json.dumps(request), "```", "", "```text", prompt.text, "```", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+#: file → generated block name → generator
+BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
+    "families.md": {"families": families_block},
+    "prompt-format.md": {"examples": prompt_examples_block},
+}
+
+
+def _pattern(name: str) -> "re.Pattern[str]":
+    return re.compile(rf"(<!-- generated: {re.escape(name)} -->\n).*?(<!-- end generated -->)", re.S)
+
+
+def render(text: str, blocks: Dict[str, Callable[[], str]]) -> str:
+    """``text`` with each named generated block replaced by its generator's output."""
+    for name, generate in blocks.items():
+        pattern = _pattern(name)
+        if not pattern.search(text):
+            raise ValueError(f"no '<!-- generated: {name} -->' block")
+        text = pattern.sub(lambda m: m.group(1) + generate() + m.group(2), text)
+    return text
+
+
+def stale(docs: Path = DOCS) -> List[str]:
+    """The doc files whose generated blocks differ from what the code generates now."""
+    return [name for name, blocks in BLOCKS.items()
+            if render((docs / name).read_text(encoding="utf-8"), blocks) != (docs / name).read_text(encoding="utf-8")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report out-of-date files")
+    args = parser.parse_args(argv)
+    if args.check:
+        out_of_date = stale()
+        for name in out_of_date:
+            print(f"docs/{name} is out of date: run python -m xinf_llama_vision.docs")
+        return 1 if out_of_date else 0
+    for name, blocks in BLOCKS.items():
+        path = DOCS / name
+        path.write_text(render(path.read_text(encoding="utf-8"), blocks), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
