@@ -57,6 +57,8 @@ def _valid() -> dict:
         (lambda d: d["specs"][0]["hubs"].pop("huggingface"), "specs.0.hubs: Value error, a 'huggingface' repository id is required"),
         (lambda d: d["stop_tokens"][0].update(id=-1), "stop_tokens.0.id: Input should be greater than or equal to 0"),
         (lambda d: d.update(colour="blue"), "colour: Extra inputs are not permitted"),
+        (lambda d: d.pop("tool_parser"), "the 'tools' ability and tool_parser go together"),
+        (lambda d: d.update(tool_parser="qwen"), "tool_parser: Input should be 'llama3'"),
         (lambda d: d["specs"].append(dict(d["specs"][0])), "duplicate model_size_in_billions"),
     ],
 )

@@ -82,6 +82,14 @@ class _Family(_Strict):
     stop_tokens: List[StopToken] = Field(min_length=1)
     specs: List[PytorchSpec] = Field(min_length=1)
     virtualenv_packages: List[str] = []
+    #: Xinference's parser for the model's tool calls; required with the 'tools' ability.
+    tool_parser: Optional[Literal["llama3"]] = None
+
+    @model_validator(mode="after")
+    def _tools_have_a_parser(self):
+        if ("tools" in self.abilities) != (self.tool_parser is not None):
+            raise ValueError("the 'tools' ability and tool_parser go together: declare both or neither")
+        return self
 
     @model_validator(mode="after")
     def _unique_sizes(self):
@@ -141,6 +149,7 @@ class _Family(_Strict):
             "stop": self.stop,
             "stop_token_ids": self.stop_token_ids,
             "chat_template": None,
+            "tool_parser": self.tool_parser,
             "model_specs": [
                 {
                     "model_format": s.model_format,
