@@ -131,6 +131,9 @@ def register() -> None:
         if _state["hook"] == "live":
             add_engines(llm.SUPPORTED_ENGINES)
         _install_families()
+        from .weights import install as explain_download_failures
+
+        explain_download_failures()  # a failed download of our weights says what to do
         refresh = llm.register_builtin_model
         if not getattr(refresh, "_xlv", False):
 
@@ -169,6 +172,9 @@ def unregister() -> None:
                 LLM_VERSION_INFOS.update(generate_llm_version_info(original))
         if _state["refresh"] is not None:
             llm.register_builtin_model = _state["refresh"]
+        from .weights import uninstall
+
+        uninstall()
         _state.update(registered=False, builtins={}, ours={}, refresh=None)
 
 
