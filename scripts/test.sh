@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -ra "$@"
+.venv/bin/python -m pytest -ra "$@"
+# The vLLM stage: a real vLLM in its own virtualenv (see docs/vllm.md).
+bash scripts/test-vllm.sh

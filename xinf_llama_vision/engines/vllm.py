@@ -328,11 +328,14 @@ class _MllamaVLLM:
             return prompt  # already the exact ids; never re-tokenize
         return await super()._gen_tokens_prompt(tokenizer, prompt, config)
 
+    async def completion_inputs(self, prompt: Any, generate_config: Optional[Dict]) -> Tuple[Dict, Dict]:
+        """A raw completion request → (vLLM input, request config)."""
+        config = dict(generate_config or {})
+        return await self.vllm_inputs(completion_prompt(prompt, config, self._policy)), self.request_config(config)
+
     async def async_generate(self, prompt, generate_config=None, tools=False, request_id=None):
         if isinstance(prompt, str):  # a raw completion request (both families)
-            config = dict(generate_config or {})
-            prompt = await self.vllm_inputs(completion_prompt(prompt, config, self._policy))
-            generate_config = self.request_config(config)
+            prompt, generate_config = await self.completion_inputs(prompt, generate_config)
         return await super().async_generate(prompt, generate_config, tools, request_id=request_id)
 
 

