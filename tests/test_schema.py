@@ -89,3 +89,33 @@ def test_specs_become_xinference_families():
         for spec in family.specs:
             for hub, repo in spec.hubs.items():
                 assert hubs[(spec.model_size_in_billions, hub)] == repo
+
+
+def test_vllm_defaults_per_size():
+    for family in load_families():
+        by_size = {s.model_size_in_billions: s.vllm for s in family.specs}
+        assert by_size[11].max_num_seqs == 16 and by_size[11].tensor_parallel_size is None
+        assert by_size[90].max_num_seqs == 32 and by_size[90].tensor_parallel_size == 8
+        for defaults in by_size.values():
+            assert defaults.enforce_eager is True and defaults.max_model_len == 8192
+        assert any(p.startswith("vllm==0.10.2 ;") for p in family.virtualenv_packages)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["specs"][0]["vllm"].update(max_num_seqs=0), "specs.0.vllm.max_num_seqs: Input should be greater than 0"),
+        (lambda d: d["specs"][1]["vllm"].update(tensor_parallel_size=3), "specs.1.vllm.tensor_parallel_size: Input should be 1, 2, 4 or 8"),
+        (lambda d: d["specs"][0]["vllm"].update(gpu_memory_utilization=1.5), "specs.0.vllm.gpu_memory_utilization: Input should be less than or equal to 1"),
+        (lambda d: d["specs"][0]["vllm"].update(max_model_len=200000), "11B vllm.max_model_len 200000 exceeds context_length 131072"),
+        (lambda d: d["specs"][0]["vllm"].update(swap=4), "specs.0.vllm.swap: Extra inputs are not permitted"),
+        (lambda d: d.update(virtualenv_packages=['vllm>=0.11 ; #engine# == "vllm"']), "pin one vLLM release that runs Mllama (>= 0.6.3, <= 0.10.2)"),
+        (lambda d: d.update(virtualenv_packages=['vllm==0.11.0 ; #engine# == "vllm"']), "pin one vLLM release that runs Mllama"),
+    ],
+)
+def test_broken_vllm_fields_name_the_field(mutate, message):
+    data = _valid()
+    mutate(data)
+    with pytest.raises(SpecError) as error:
+        parse_family(yaml.safe_dump(data), "model_specs/broken.yaml")
+    assert message in str(error.value)
