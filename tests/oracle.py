@@ -84,6 +84,19 @@ class Reference:
     def inputs(self, prompt: str, images: List[Image.Image]):
         return self.processor(images=images or None, text=prompt, add_special_tokens=False, return_tensors="pt")
 
+    def generate_ids(self, prompt: str, images: List[Image.Image], max_new_tokens: int) -> List[int]:
+        """The generated token ids under greedy decoding (no stop tokens: exactly ``max_new_tokens``)."""
+        import torch
+
+        inputs = self.inputs(prompt, images)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                      do_sample=False)
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+    def decode(self, ids: List[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def generate(self, prompt: str, images: List[Image.Image], max_new_tokens: int):
         """(text, prompt token count, generated token count) under greedy decoding."""
         import torch
@@ -92,5 +105,4 @@ class Reference:
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
-        text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return text, inputs["input_ids"].shape[1], len(new)
+        return self.decode(new), inputs["input_ids"].shape[1], len(new)

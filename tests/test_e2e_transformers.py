@@ -93,6 +93,28 @@ def test_max_tokens_and_finish_reason(server, chat_uid, reference):
     assert reply.choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("sampling", [{"top_k": 1}, {"top_p": 1e-9}], ids=["top_k=1", "tiny top_p"])
+def test_sampling_that_keeps_one_token_is_greedy(server, chat_uid, reference, sampling):
+    """At temperature 2 sampling wanders off the greedy answer, unless top_k=1 (or a top_p that keeps
+    one token) leaves only the most likely token."""
+    messages = image_message(RED)
+    expected, _, _ = reference.generate(reference.render(messages), [RED], MAX)
+    free = [ask(server, chat_uid, messages, temperature=2.0).choices[0].message.content for _ in range(2)]
+    assert any(answer != expected for answer in free), "sampling at temperature 2 should differ from greedy"
+    reply = ask(server, chat_uid, messages, temperature=2.0, extra_body=sampling)
+    assert reply.choices[0].message.content == expected
+
+
+def test_stop_token_ids_end_the_answer(server, chat_uid, reference):
+    messages = CONVERSATIONS["text only"][0]
+    ids = reference.generate_ids(reference.render(messages), [], MAX)
+    cut = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    reply = ask(server, chat_uid, messages, extra_body={"stop_token_ids": [ids[cut]]})
+    assert reply.choices[0].message.content == reference.decode(ids[:cut])
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == cut + 1  # the stop token is generated, not shown
+
+
 def test_stop_string_cuts_the_answer(server, chat_uid, reference):
     messages = CONVERSATIONS["text only"][0]
     full, _, _ = reference.generate(reference.render(messages), [], MAX)
