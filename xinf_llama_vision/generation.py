@@ -7,6 +7,7 @@ top_p 0.9), not to another family's defaults.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,6 +37,8 @@ def _number(config: Dict[str, Any], name: str, kind, low, high=None):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{name}: expected a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
+        raise RequestError(f"{name}: expected a finite number, got {value!r}")
     if kind is int and value != int(value):
         raise RequestError(f"{name}: expected an integer, got {value!r}")
     value = kind(value)

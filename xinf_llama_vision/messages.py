@@ -259,6 +259,8 @@ def build_chat_prompt(
         m, where = messages[i], _where(i)
         role = m["role"]
         if role == "assistant" and m.get("tool_calls"):
+            if m.get("content") is not None:  # not rendered, but an image in it must not pass unseen
+                text_only(content_parts(m["content"], where), where, role)
             turns.append(("assistant", tool_call_text(m, where)))
         elif role in ("tool", "ipython"):
             turns.append(("ipython", tool_result_text(m["content"], where)))

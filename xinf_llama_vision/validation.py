@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .generation import sampling_from_config
-from .images import ImageLimits, inline
+from .images import ImageError, ImageLimits, inline
 from .messages import (
     DEFAULT_MAX_IMAGES,
     Prompt,
@@ -154,14 +154,39 @@ def completion_prompt(prompt: Any, config: Mapping[str, Any], policy: Policy) ->
     return build_completion_prompt(prompt, completion_images(config), max_images=policy.max_images)
 
 
+def image_locations(messages: Any) -> List[str]:
+    """Where each image part of (already checked) chat messages is, in prompt order.
+
+    >>> image_locations([{"role": "user", "content": [{"type": "text", "text": "?"}, {"type": "image_url"}]}])
+    ['messages[0].content[1]']
+    """
+    return [
+        f"messages[{i}].content[{j}]"
+        for i, m in enumerate(messages)
+        if isinstance(m.get("content"), list)
+        for j, part in enumerate(m["content"])
+        if isinstance(part, dict) and part.get("type") in ("image_url", "image")
+    ]
+
+
+def _inline_all(sources, where: List[str], limits: ImageLimits) -> List[str]:
+    """Every image inlined; a refusal names the part it came from (``messages[0].content[1]: …``)."""
+    out = []
+    for source, at in zip(sources, where):
+        try:
+            out.append(inline(source, limits))
+        except ImageError as e:
+            raise ImageError(f"{at}: {e}") from None
+    return out
+
+
 def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:
     """Validate a ``/v1/chat/completions`` body; return it with every image inlined as a data URI."""
     body = _object(body)
     prompt, _ = chat_prompt(body.get("messages"), body, policy)
     if not prompt.images:
         return body
-    limits = policy.limits()
-    inlined = [inline(source, limits) for source in prompt.images]
+    inlined = _inline_all(prompt.images, image_locations(body["messages"]), policy.limits())
     return {**body, "messages": replace_images(body["messages"], inlined)}
 
 
@@ -174,7 +199,8 @@ def check_completion(body: Any, policy: Policy) -> Dict[str, Any]:
         limits = policy.limits()
         kwargs = out.get("chat_template_kwargs")
         kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
-        kwargs[COMPLETION_IMAGES] = [inline(source, limits) for source in prompt.images]
+        where = [f"images[{k}]" for k in range(len(prompt.images))]
+        kwargs[COMPLETION_IMAGES] = _inline_all(prompt.images, where, limits)
         out["chat_template_kwargs"] = kwargs
     return out
 
