@@ -68,7 +68,10 @@ class Reference:
 
         self.processor = AutoProcessor.from_pretrained(path)
         self.tokenizer = self.processor.tokenizer
-        self.model = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        import transformers
+
+        dtype = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # 4.x in .venv-vllm
+        self.model = MllamaForConditionalGeneration.from_pretrained(path, **{dtype: torch.float32}).eval()
         self.template = TEMPLATE.read_text()
 
     def render(self, messages: List[dict], date_string: Optional[str] = None, **kwargs) -> str:

@@ -27,21 +27,3 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
         if reporter:
             reporter.write_line(f"vLLM stage: {len(skipped)} test(s) skipped; every test must run here", red=True)
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_checkpoint):
-    """:class:`oracle.Reference` on this venv's transformers 4.x (``torch_dtype``, not 5.x's ``dtype``)."""
-    import torch
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
-
-    from oracle import TEMPLATE, Reference
-
-    class Reference4(Reference):
-        def __init__(self, path: str):
-            self.processor = AutoProcessor.from_pretrained(path)
-            self.tokenizer = self.processor.tokenizer
-            self.model = MllamaForConditionalGeneration.from_pretrained(path, torch_dtype=torch.float32).eval()
-            self.template = TEMPLATE.read_text()
-
-    return Reference4(tiny_checkpoint)
