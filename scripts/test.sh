@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
-# Set up .venv (if needed) and run the whole test suite. Extra arguments go to pytest.
+# Set up .venv (if needed) and run the whole test suite: the main run, then the vLLM stage in its
+# own virtualenv. Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest -ra "$@"
+# The vLLM stage's virtualenv is mostly downloads: build it while the main tests use the CPU.
+vllm_log=$(mktemp)
+bash scripts/setup-vllm.sh >"$vllm_log" 2>&1 &
+vllm_setup=$!
+main=0
+.venv/bin/python -m pytest -ra "$@" || main=$?
+if ! wait "$vllm_setup"; then
+  cat "$vllm_log"
+  echo "setting up .venv-vllm failed" >&2
+  exit 1
+fi
+tail -n 3 "$vllm_log"
 # The vLLM stage: a real vLLM in its own virtualenv (see docs/vllm.md).
 bash scripts/test-vllm.sh
+exit "$main"
