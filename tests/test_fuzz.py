@@ -19,7 +19,7 @@ import os
 import httpx
 import psutil
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from fuzz_strategies import (
@@ -27,6 +27,7 @@ from fuzz_strategies import (
     chat_bodies,
     completion_bodies,
     huge_chat_bodies,
+    json_values,
     message_lists,
     tools,
 )
@@ -124,3 +125,84 @@ def test_adapter_build_chat_prompt(pytestconfig):
     check()
     report(pytestconfig, "fuzz adapter build_chat_prompt", counts)
     assert counts["ok"] and counts["RequestError"]
+
+
+# -- the running server ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_uid(launched):
+    return launched("llama-3.2-vision-instruct", "--disable-virtual-env")
+
+
+@pytest.fixture(scope="module")
+def base_uid(launched):
+    return launched("llama-3.2-vision", "--disable-virtual-env")
+
+
+def _processes(server):
+    root = psutil.Process(server.proc.pid)
+    return {p.pid: p.create_time() for p in [root, *root.children(recursive=True)]}
+
+
+def _send(client, endpoint, path, body) -> str:
+    """One request → its outcome: the status code, or ``200+stream-error`` for an error inside a 200 stream."""
+    # ASCII JSON: lone surrogates travel as \\udXXX escapes, NaN/Infinity as Python's json writes them.
+    request = {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
+    if isinstance(body, dict) and body.get("stream") is True:
+        with client.stream("POST", endpoint + path, **request) as response:
+            if response.status_code != 200:
+                response.read()
+                return str(response.status_code)
+            for line in response.iter_lines():
+                if line.startswith("data:") and line[5:].strip() != "[DONE]" and '"error"' in line:
+                    return "200+stream-error"
+            return "200"
+    return str(client.post(endpoint + path, **request).status_code)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_server_fuzz(server, chat_uid, base_uid, path, pytestconfig):
+    uid = chat_uid if path == "/v1/chat/completions" else base_uid
+    bodies = st.one_of(chat_bodies(st.one_of(st.integers(1, 3), json_values)), huge_chat_bodies()) \
+        if path == "/v1/chat/completions" else completion_bodies(st.one_of(st.integers(1, 3), json_values))
+    probe = ({"model": uid, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": GOOD_IMAGE}}, {"type": "text", "text": "?"}]}], "max_tokens": 4,
+        "temperature": 0} if path == "/v1/chat/completions"
+        else {"model": uid, "prompt": "<|image|>Caption:", "images": [GOOD_IMAGE], "max_tokens": 4, "temperature": 0})
+    before_status, before = server.post(path, probe)
+    processes = _processes(server)
+    counts = collections.Counter()
+    bad = []
+
+    with httpx.Client(timeout=httpx.Timeout(120, connect=10)) as client:
+        @settings(FUZZ, max_examples=SERVER_EXAMPLES, phases=[Phase.generate])  # no shrinking: the report lists every failure
+        @given(body=bodies)
+        def send(body):
+            if isinstance(body, dict):
+                body = {**body, "model": uid}
+                if not isinstance(body.get("max_tokens"), int) or isinstance(body.get("max_tokens"), bool):
+                    body.setdefault("max_tokens", 3)  # a junk value stays junk (a 400); only a missing one is set
+            outcome = _send(client, server.endpoint, path, body)
+            counts[outcome] += 1
+            if not (outcome == "200" or outcome.startswith("4")) and len(bad) < 5:
+                bad.append((outcome, json.dumps(body, default=repr)[:600]))
+
+        send()
+
+    report(pytestconfig, f"fuzz server {path}", counts)
+    after_status, after = server.post(path, probe)
+    assert not bad, bad
+    assert before_status == after_status == 200
+    assert after["choices"] == before["choices"]  # the same answer as before the fuzz
+    assert _processes(server) == processes  # no process crashed or was restarted
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_what_the_server_fuzz_found_is_a_400(server, chat_uid, base_uid, path):
+    """Found by the server fuzz: Xinference's own request model rejects ``"top_k": null`` with a 500."""
+    body = ({"model": chat_uid, "messages": [{"role": "user", "content": "hi"}]} if path == "/v1/chat/completions"
+            else {"model": base_uid, "prompt": "Once"})
+    status, answer = server.post(path, {**body, "max_tokens": 2, "top_k": None})
+    assert status == 400, answer
+    assert answer["error"]["message"] == "top_k: none is not an allowed value"

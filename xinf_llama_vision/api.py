@@ -61,7 +61,7 @@ class RequestGuard:
         if message.get("more_body", False):  # too large to check here: hand over as it streams in
             return await self.app(scope, _replay(body, receive, more=True), send)
         try:
-            checked = await self._check(check, body)
+            checked = await self._check(check, body, scope["path"])
         except RequestError as e:
             logger.info("refused a request to %s: %s", scope["path"], e)
             return await _respond(send, 400, error_body(str(e)))
@@ -86,7 +86,7 @@ class RequestGuard:
             return False
         return True
 
-    async def _check(self, check, raw: bytes) -> Optional[Dict[str, Any]]:
+    async def _check(self, check, raw: bytes, path: str) -> Optional[Dict[str, Any]]:
         """The checked body for one of our models, or ``None`` to pass the request on as it is."""
         try:
             data = json.loads(raw)
@@ -96,7 +96,11 @@ class RequestGuard:
         if policy is None:
             return None
         # Image downloads and decoding block: keep them off the event loop.
-        return await asyncio.to_thread(check, data, policy)
+        checked = await asyncio.to_thread(check, data, policy)
+        problem = xinference_refusal(path, checked)
+        if problem:
+            raise RequestError(problem)
+        return checked
 
     async def _policy(self, model_uid: Any) -> Optional[Policy]:
         if not isinstance(model_uid, str) or not model_uid:
@@ -107,6 +111,35 @@ class RequestGuard:
             return None
         policy = description.get(POLICY_KEY) if isinstance(description, dict) else None
         return Policy.from_dict(policy) if isinstance(policy, dict) else None
+
+
+def xinference_refusal(path: str, body: Dict[str, Any]) -> Optional[str]:
+    """Why Xinference's own request model would reject ``body`` (its handler lets that escape as a
+    500, e.g. for ``"top_k": null``), or ``None``. Checked here so that the client gets a 400.
+
+    >>> xinference_refusal("/v1/chat/completions", {"model": "m", "messages": [], "top_k": None})
+    'top_k: none is not an allowed value'
+    >>> xinference_refusal("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2}) is None
+    True
+    """
+    try:
+        if path == "/v1/chat/completions":
+            from xinference.types import CreateChatCompletion as schema
+        else:
+            from xinference.api.schemas.requests import CreateCompletionRequest as schema
+    except ImportError:  # another Xinference layout: its handler decides
+        return None
+    try:
+        schema.parse_obj({k: v for k, v in body.items() if k != "cache_salt"})
+    except Exception as e:
+        errors = getattr(e, "errors", None)
+        if not callable(errors):
+            return f"request body: {e}"
+        return "; ".join(
+            f"{'.'.join(str(p) for p in error.get('loc', ())) or 'request body'}: {error.get('msg', 'invalid')}"
+            for error in errors()[:3]
+        )
+    return None
 
 
 def _replay(body: bytes, receive, more: bool = False):
