@@ -149,3 +149,12 @@ def server(tmp_path_factory):
         srv.stop()
         if os.environ.get("XLV_KEEP_LOGS"):
             shutil.copy(home / "server.log", os.environ["XLV_KEEP_LOGS"])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The fuzz report (outcome histograms collected by tests/test_fuzz.py), visible in CI logs."""
+    reports = getattr(config, "xlv_fuzz_reports", [])
+    if reports:
+        terminalreporter.write_sep("=", "fuzz report")
+        for title, cases, histogram in reports:
+            terminalreporter.write_line(f"{title}: {cases} cases; {histogram}")
