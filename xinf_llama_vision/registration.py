@@ -19,7 +19,7 @@ import functools
 import importlib
 import logging
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 logger = logging.getLogger("xinf_llama_vision")
 

@@ -24,6 +24,10 @@ from ..validation import chat_prompt, completion_prompt, launch_policy
 from .common import launched
 
 
+#: How many tokens generation may run ahead of the reader of a streamed answer.
+STREAM_AHEAD = 16
+
+
 class _Mllama:
     """What both families share: loading, inputs, and the token loop."""
 
@@ -107,19 +111,29 @@ class _Mllama:
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        out: "queue.Queue[Any]" = queue.Queue()
+        # Bounded: generation runs at most STREAM_AHEAD tokens ahead of the reader. A client that
+        # hangs up stops reading long before Xinference closes this generator (its abort blocks
+        # first), so an abandoned answer stops costing compute after a few tokens.
+        out: "queue.Queue[Any]" = queue.Queue(maxsize=STREAM_AHEAD)
         cancel = threading.Event()
+
+        def hand_over(item) -> None:
+            while not cancel.is_set():
+                try:
+                    return out.put(item, timeout=0.1)
+                except queue.Full:
+                    continue
 
         class Streamer(BaseStreamer):
             prompt_seen = False
 
             def put(self, value):
                 if self.prompt_seen:
-                    out.put(value.reshape(-1).tolist())
+                    hand_over(value.reshape(-1).tolist())
                 self.prompt_seen = True
 
             def end(self):
-                out.put(None)
+                hand_over(None)
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kw):
@@ -133,7 +147,7 @@ class _Mllama:
                     **inputs, **kwargs, streamer=Streamer(), stopping_criteria=StoppingCriteriaList([Cancelled()])
                 )
             except BaseException as e:  # handed to the consumer, which raises it
-                out.put(e)
+                hand_over(e)
 
         worker = threading.Thread(target=run, name="mllama-generate", daemon=True)
         worker.start()
