@@ -213,7 +213,8 @@ class _Mllama:
             if piece:
                 yield generate_completion_chunk(piece, None, chunk_id, self.model_uid, *usage)
             if finish:
-                yield generate_completion_chunk(None, finish, chunk_id, self.model_uid, *usage, has_content=False)
+                # The finishing chunk carries "" (OpenAI completion chunks always have a text).
+                yield generate_completion_chunk("", finish, chunk_id, self.model_uid, *usage)
         if sampling.include_usage:
             usage = (prompt_tokens, n, prompt_tokens + n)
             yield generate_completion_chunk(
