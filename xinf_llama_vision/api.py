@@ -1,8 +1,9 @@
 """The REST side, installed in Xinference's API process through ``configure_api``.
 
 * ``GET /v1/xinf-llama-vision/status``: what the plugin registered in the API process.
-* :class:`RequestGuard`, an ASGI middleware in front of ``/v1/chat/completions`` and
-  ``/v1/completions``: for a model launched by this plugin it runs :mod:`.validation` before
+* :class:`RequestGuard`, an ASGI middleware in front of ``/v1/chat/completions``,
+  ``/v1/completions`` and the launch route ``/v1/models`` (where it adds the reason an engine
+  cannot run our family to Xinference's bare refusal): for a model launched by this plugin it runs :mod:`.validation` before
   Xinference's own handler, answers user mistakes with HTTP 400 (the same for streaming and
   non-streaming requests), and hands the handler the body with images inlined. Requests for
   other models pass through untouched.
@@ -21,6 +22,8 @@ from .validation import CHECKS, POLICY_KEY, Policy
 
 logger = logging.getLogger("xinf_llama_vision")
 
+#: Xinference's launch route (``xinference launch`` posts here).
+LAUNCH_PATH = "/v1/models"
 #: Bodies larger than this are left to Xinference (and its own limits) unread.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
@@ -46,8 +49,9 @@ class RequestGuard:
         self.auth_service = auth_service
 
     async def __call__(self, scope, receive, send):
-        check = CHECKS.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if check is None or not await self._authenticated(scope):
+        path = scope.get("path", "")
+        watched = scope["type"] == "http" and scope["method"] == "POST" and (path in CHECKS or path == LAUNCH_PATH)
+        if not watched or not await self._authenticated(scope):
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
@@ -61,7 +65,10 @@ class RequestGuard:
         if message.get("more_body", False):  # too large to check here: hand over as it streams in
             return await self.app(scope, _replay(body, receive, more=True), send)
         try:
-            checked = await self._check(check, body, scope["path"])
+            if path == LAUNCH_PATH:
+                checked = await self._check_launch(body)
+            else:
+                checked = await self._check(CHECKS[path], body, path)
         except RequestError as e:
             logger.info("refused a request to %s: %s", scope["path"], e)
             return await _respond(send, 400, error_body(str(e)))
@@ -85,6 +92,35 @@ class RequestGuard:
         except Exception:  # Xinference's handler answers 401/403 itself
             return False
         return True
+
+    async def _check_launch(self, raw: bytes) -> None:
+        """A launch of one of our families on an engine that cannot run it here: say why.
+
+        Xinference's own launch error only says "cannot be run on engine vLLM"; the reason our
+        engine class gave (shown in the engine listing, merged over the workers) goes with it.
+        """
+        from .registration import our_families
+
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("model_name") not in our_families():
+            return None
+        name, engine = data["model_name"], data.get("model_engine")
+        if not isinstance(engine, str):
+            return None
+        try:
+            supervisor = await self.get_supervisor_ref()
+            engines = await supervisor.query_engines_by_model_name(
+                name, model_type="LLM", enable_virtual_env=data.get("enable_virtual_env")
+            )
+        except Exception:  # Xinference's handler answers for itself
+            return None
+        for key, value in (engines or {}).items():
+            if key.lower() == engine.lower() and isinstance(value, str):
+                raise RequestError(f"Model {name} cannot be run on engine {key}: {value}")
+        return None
 
     async def _check(self, check, raw: bytes, path: str) -> Optional[Dict[str, Any]]:
         """The checked body for one of our models, or ``None`` to pass the request on as it is."""
