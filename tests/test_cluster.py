@@ -61,9 +61,12 @@ def cluster(tmp_path_factory):
 
 
 def workers_view(endpoint):
-    """worker address → {replica uid: model subprocess address}, as the supervisor reports it."""
-    return {w["work-ip"]: {uid: m["address"] for uid, m in w["models"].items()}
-            for w in httpx.get(endpoint + "/v1/workers", timeout=10).json()}
+    """worker address → {replica uid: model subprocess address}, as the supervisor reports it
+    (``None`` while it answers with an error, as it can just after a worker dies)."""
+    workers = httpx.get(endpoint + "/v1/workers", timeout=10).json()
+    if not isinstance(workers, list):
+        return None
+    return {w["work-ip"]: {uid: m["address"] for uid, m in w["models"].items()} for w in workers}
 
 
 def replica_statuses(endpoint, uid):
@@ -135,29 +138,29 @@ def test_two_replicas_on_two_workers_and_failover(cluster, tiny_checkpoint, refe
     lost.proc.wait(30)
     assert not lost_model.is_running() or lost_model.status() == psutil.STATUS_ZOMBIE
 
-    # The surviving replica serves every request (the first ones may meet the dead replica before the
-    # supervisor notices: at most a bounded number of failures, then only successes).
-    served, failures = 0, 0
-    deadline = time.monotonic() + 120
-    while served < 6 and time.monotonic() < deadline:
-        status, answer = supervisor.post("/v1/chat/completions", body, timeout=60)
-        if status == 200:
-            assert answer["choices"][0]["message"]["content"] == expected
-            served += 1
-        else:
-            assert served == 0, f"a failure after the failover: {status} {answer}"
-            failures += 1
-            time.sleep(1)
-    assert served == 6, f"the surviving replica did not serve: {failures} failures"
-
     # The supervisor reports the loss through its API: the worker is gone and its replica is not READY.
+    # Until it notices, Xinference's round robin may still hand requests to the dead replica (its
+    # failure detection, not the plugin's): those may fail, and are counted.
+    failures = 0
+
     def reported():
+        nonlocal failures
+        if supervisor.post("/v1/chat/completions", body, timeout=60)[0] != 200:
+            failures += 1
         view = workers_view(endpoint)
+        if view is None:
+            return None
         statuses = replica_statuses(endpoint, "clustered")
         lost_replicas = [r for r, (w, s) in statuses.items() if w == lost_address and s == "READY"]
         return lost_address not in view and len(view) == 1 and not lost_replicas and (view, statuses)
 
-    report = poll(reported, 90, every=2)
+    report = poll(reported, 120, every=2)
     assert report, (workers_view(endpoint), replica_statuses(endpoint, "clustered"))
-    print(f"cluster: after killing {lost_address}: {failures} failed request(s) before failover; "
+
+    # From then on the surviving replica serves every request, with the right answer.
+    for _ in range(6):
+        status, answer = supervisor.post("/v1/chat/completions", body, timeout=60)
+        assert status == 200, f"a failure after the supervisor reported the loss: {status} {answer}"
+        assert answer["choices"][0]["message"]["content"] == expected
+    print(f"cluster: after killing {lost_address}: {failures} failed request(s) before the supervisor noticed; "
           f"supervisor reports workers {list(report[0])}, replicas {report[1]}")
