@@ -121,6 +121,18 @@ def launched(server, tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def chat_uid(launched):
+    """The instruct family, launched once (without Xinference's virtualenv); modules may override."""
+    return launched("llama-3.2-vision-instruct", "--disable-virtual-env")
+
+
+@pytest.fixture(scope="session")
+def base_uid(launched):
+    """The base family, launched once (without Xinference's virtualenv); modules may override."""
+    return launched("llama-3.2-vision", "--disable-virtual-env")
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     from xinf_llama_vision.tiny import build
 

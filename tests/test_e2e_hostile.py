@@ -110,16 +110,6 @@ def images_server():
 
 
 @pytest.fixture(scope="module")
-def chat_uid(launched):
-    return launched("llama-3.2-vision-instruct", "--disable-virtual-env")
-
-
-@pytest.fixture(scope="module")
-def base_uid(launched):
-    return launched("llama-3.2-vision", "--disable-virtual-env")
-
-
-@pytest.fixture(scope="module")
 def allow_chat(launched):
     return launched("llama-3.2-vision-instruct", "--disable-virtual-env", *LIMITS)
 

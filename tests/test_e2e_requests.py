@@ -17,18 +17,8 @@ MAX = 10
 
 
 @pytest.fixture(scope="module")
-def chat_uid(launched):
-    return launched("llama-3.2-vision-instruct", "--disable-virtual-env")
-
-
-@pytest.fixture(scope="module")
 def two_image_uid(launched):
     return launched("llama-3.2-vision-instruct", "--disable-virtual-env", "--max_images", "2")
-
-
-@pytest.fixture(scope="module")
-def base_uid(launched):
-    return launched("llama-3.2-vision", "--disable-virtual-env")
 
 
 def image(img, form="object"):

@@ -130,16 +130,6 @@ def test_adapter_build_chat_prompt(pytestconfig):
 # -- the running server ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chat_uid(launched):
-    return launched("llama-3.2-vision-instruct", "--disable-virtual-env")
-
-
-@pytest.fixture(scope="module")
-def base_uid(launched):
-    return launched("llama-3.2-vision", "--disable-virtual-env")
-
-
 def _processes(server):
     root = psutil.Process(server.proc.pid)
     return {p.pid: p.create_time() for p in [root, *root.children(recursive=True)]}
