@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -81,7 +82,9 @@ class Server:
         """A raw HTTP POST: ``(status, parsed JSON or SSE text)``, for exact status codes."""
         import httpx
 
-        response = httpx.post(self.endpoint + path, json=body, timeout=timeout)
+        # ASCII JSON, so that any string (a lone surrogate too) travels as the \\uXXXX escape a client would send
+        response = httpx.post(self.endpoint + path, content=json.dumps(body).encode(), timeout=timeout,
+                              headers={"content-type": "application/json"})
         try:
             return response.status_code, response.json()
         except ValueError:

@@ -16,9 +16,13 @@ __all__ = [
     "RED", "BLUE", "MAX", "image_message", "ask", "CONVERSATIONS",
     "test_chat_matches_raw_transformers", "test_images_change_the_answer", "test_streaming_equals_non_streaming",
     "test_max_tokens_and_finish_reason", "test_sampling_that_keeps_one_token_is_greedy",
-    "test_stop_token_ids_end_the_answer", "test_stop_string_cuts_the_answer",
+    "test_stop_token_ids_end_the_answer", "test_stop_string_cuts_the_answer", "test_chat_beyond_the_context_is_a_400",
+    # base-model tests last: the vLLM module runs one engine at a time, chat first
     "test_base_completion_matches_raw_transformers", "test_base_completion_with_image",
+    "test_completion_beyond_the_context_is_a_400",
 ]
+#: The tiny checkpoint's ``max_position_embeddings``, the context both engines serve it with.
+CONTEXT = 4096
 
 RED, BLUE = png((200, 30, 30)), png((10, 20, 220), size=(30, 90))
 MAX = 12
@@ -117,6 +121,22 @@ def test_stop_string_cuts_the_answer(server, chat_uid, reference):
     assert reply.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_chat_beyond_the_context_is_a_400(server, chat_uid, stream):
+    """Only the engine knows the prompt's length; a max_tokens no prompt fits is refused up front."""
+    hi = [{"role": "user", "content": "hi"}]
+    status, answer = server.post("/v1/chat/completions", {"model": chat_uid, "stream": stream,
+                                                           "max_tokens": CONTEXT - 6, "messages": hi})
+    assert status == 400, answer
+    assert answer["error"]["message"] == (f"the prompt and max_tokens do not fit this model's context length of "
+                                          f"{CONTEXT} tokens; lower max_tokens or shorten the prompt")
+    status, answer = server.post("/v1/chat/completions", {"model": chat_uid, "stream": stream,
+                                                           "max_tokens": CONTEXT, "messages": hi})
+    assert status == 400, answer
+    assert answer["error"]["message"] == (f"max_tokens: {CONTEXT} is more than this model's context length of "
+                                          f"{CONTEXT} tokens leaves after the prompt; ask for at most {CONTEXT - 1}")
+
+
 def test_base_completion_matches_raw_transformers(server, base_uid, reference):
     client = server.openai()
     prompt = "If I had to write a haiku, it would be:"
@@ -143,3 +163,16 @@ def test_base_completion_with_image(server, base_uid, reference):
         model=base_uid, prompt=prompt, max_tokens=MAX, temperature=0, extra_body={"images": [data_uri(BLUE)]}
     )
     assert other.choices[0].text != expected
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_completion_beyond_the_context_is_a_400(server, base_uid, reference, stream):
+    """The engine's own words come through: the prompt's tokens, max_tokens, and what would fit."""
+    prompt_tokens = len(reference.tokenizer("Once upon a time")["input_ids"])  # BOS included
+    room = CONTEXT - prompt_tokens
+    status, answer = server.post("/v1/completions", {"model": base_uid, "prompt": "Once upon a time",
+                                                      "max_tokens": room + 1, "stream": stream})
+    assert status == 400, answer
+    assert answer["error"]["message"] == (
+        f"the prompt is {prompt_tokens} tokens and max_tokens is {room + 1}: together more than this model's "
+        f"context length of {CONTEXT} tokens; lower max_tokens to at most {room} or shorten the prompt")

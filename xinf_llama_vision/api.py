@@ -6,7 +6,10 @@
   cannot run our family to Xinference's bare refusal): for a model launched by this plugin it runs :mod:`.validation` before
   Xinference's own handler, answers user mistakes with HTTP 400 (the same for streaming and
   non-streaming requests), and hands the handler the body with images inlined. Requests for
-  other models pass through untouched.
+  other models pass through untouched, unless no handler could read them (not JSON, invalid
+  Unicode, no model UID): those are a 400 for any model instead of Xinference's 500.
+* :class:`ContextRefusal`: a prompt that does not fit the context, found by the engine, is a 400
+  too (streaming included).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Awaitable, Callable, Dict, Optional
+import re
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from .extension import STATUS_PATH
 from .messages import RequestError
-from .validation import CHECKS, POLICY_KEY, Policy
+from .validation import CHECKS, POLICY_KEY, Policy, json_object
 
 logger = logging.getLogger("xinf_llama_vision")
 
@@ -64,18 +68,24 @@ class RequestGuard:
         body = b"".join(chunks)
         if message.get("more_body", False):  # too large to check here: hand over as it streams in
             return await self.app(scope, _replay(body, receive, more=True), send)
+        policy = None
         try:
             if path == LAUNCH_PATH:
                 checked = await self._check_launch(body)
             else:
-                checked = await self._check(CHECKS[path], body, path)
+                checked, policy = await self._check(CHECKS[path], body, path)
+            if checked is not None:
+                body = json.dumps(checked).encode()
+        except RecursionError:
+            return await _respond(send, 400, error_body("request body: JSON nested too deeply to read; send a flatter body"))
         except RequestError as e:
             logger.info("refused a request to %s: %s", scope["path"], e)
             return await _respond(send, 400, error_body(str(e)))
         if checked is not None:
-            body = json.dumps(checked).encode()
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
             scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
+        if policy is not None:
+            send = ContextRefusal(send, policy)
         return await self.app(scope, _replay(body, receive), send)
 
     async def _authenticated(self, scope) -> bool:
@@ -122,21 +132,27 @@ class RequestGuard:
                 raise RequestError(f"Model {name} cannot be run on engine {key}: {value}")
         return None
 
-    async def _check(self, check, raw: bytes, path: str) -> Optional[Dict[str, Any]]:
-        """The checked body for one of our models, or ``None`` to pass the request on as it is."""
+    async def _check(self, check, raw: bytes, path: str) -> Tuple[Optional[Dict[str, Any]], Optional[Policy]]:
+        """``(checked body, policy)`` for one of our models, ``(None, None)`` to pass the request on as it is.
+
+        A body no handler could read is refused for any model: Xinference would answer it with a 500.
+        """
         try:
             data = json.loads(raw)
-        except ValueError:
-            return None  # Xinference answers malformed JSON itself
-        policy = await self._policy(data.get("model") if isinstance(data, dict) else None)
+        except ValueError as e:  # invalid UTF-8 too
+            raise RequestError(f"request body: not valid JSON ({e}); send a JSON object") from None
+        json_object(data)  # an object, in valid Unicode
+        if not isinstance(data.get("model"), str) or not data["model"]:
+            raise RequestError("model: send the UID of a running model as a string")
+        policy = await self._policy(data["model"])
         if policy is None:
-            return None
+            return None, None
         # Image downloads and decoding block: keep them off the event loop.
         checked = await asyncio.to_thread(check, data, policy)
         problem = xinference_refusal(path, checked)
         if problem:
             raise RequestError(problem)
-        return checked
+        return checked, policy
 
     async def _policy(self, model_uid: Any) -> Optional[Policy]:
         if not isinstance(model_uid, str) or not model_uid:
@@ -176,6 +192,106 @@ def xinference_refusal(path: str, body: Dict[str, Any]) -> Optional[str]:
             for error in errors()[:3]
         )
     return None
+
+
+#: The text Xinference puts in place of a chat request's ``ContextLengthExceeded`` (it hides worker text).
+XINFERENCE_CONTEXT_DETAIL = "Request exceeds the model's configured context length."
+_ENGINE_CONTEXT_MESSAGE = re.compile(r"the prompt is \d+ tokens.*context length of \d+ tokens.*", re.S)
+
+
+def context_refusal(detail: Any, policy: Policy) -> Optional[str]:
+    """Our message for a context-length refusal that came back from the engine, else ``None``.
+
+    The engine's own words where Xinference passed them on (behind the worker's address):
+
+    >>> context_refusal("[address=127.0.0.1:5, pid=6] the prompt is 9 tokens and max_tokens is 99: together "
+    ...                 "more than this model's context length of 100 tokens; lower max_tokens to at most 91", Policy("base"))
+    "the prompt is 9 tokens and max_tokens is 99: together more than this model's context length of 100 tokens; lower max_tokens to at most 91"
+    >>> context_refusal(XINFERENCE_CONTEXT_DETAIL, Policy("instruct", context_length=4096))
+    "the prompt and max_tokens do not fit this model's context length of 4096 tokens; lower max_tokens or shorten the prompt"
+    >>> context_refusal("CUDA out of memory", Policy("base")) is None
+    True
+    """
+    if not isinstance(detail, str):
+        return None
+    found = _ENGINE_CONTEXT_MESSAGE.search(detail)
+    if found:
+        return found.group()
+    if detail.strip() == XINFERENCE_CONTEXT_DETAIL:
+        size = f" of {policy.context_length} tokens" if policy.context_length else ""
+        return f"the prompt and max_tokens do not fit this model's context length{size}; lower max_tokens or shorten the prompt"
+    return None
+
+
+def _first_event(body: bytes) -> Optional[Any]:
+    r"""The data of the first complete server-sent event in ``body`` (pings skipped), ``None`` if none yet.
+
+    >>> _first_event(b": ping\r\n\r\ndata: {\"error\": \"x\"}\r\n\r\n")
+    {'error': 'x'}
+    >>> _first_event(b": ping\r\n\r\ndata: {\"err") is None
+    True
+    """
+    for block in body.replace(b"\r\n", b"\n").split(b"\n\n")[:-1]:
+        data = [line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:")]
+        if data:
+            try:
+                return json.loads(b"\n".join(data))
+            except ValueError:
+                return {}
+    return None
+
+
+class ContextRefusal:
+    """``send`` for a checked request to one of our models.
+
+    Whether prompt plus ``max_tokens`` fit the context is known only once the engine has
+    tokenized the prompt. Xinference answers the engine's ``ContextLengthExceeded`` with a 400 in
+    its own words, and when streaming with a 200 whose first event is the error. Both become our
+    400; the start of every other answer is only held until its first event.
+    """
+
+    def __init__(self, send, policy: Policy):
+        self.send, self.policy = send, policy
+        self.start: Optional[Dict[str, Any]] = None
+        self.held: list = []
+        self.done = False
+
+    async def __call__(self, message) -> None:
+        if self.done:
+            return  # our 400 went out; the rest of Xinference's answer is dropped
+        if message["type"] == "http.response.start":
+            headers = dict(message.get("headers") or [])
+            if message["status"] == 400 or (
+                message["status"] == 200 and headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            ):
+                self.start = message
+                return
+            return await self.send(message)
+        if self.start is None or message["type"] != "http.response.body":
+            return await self.send(message)
+        self.held.append(message)
+        body = b"".join(m.get("body", b"") for m in self.held)
+        if self.start["status"] == 400:
+            if message.get("more_body"):
+                return
+            try:
+                detail = json.loads(body).get("detail")
+            except (ValueError, AttributeError):
+                detail = None
+        else:
+            event = _first_event(body)
+            if event is None and message.get("more_body"):
+                return  # pings only so far
+            detail = event.get("error") if isinstance(event, dict) else None
+        refusal = context_refusal(detail, self.policy)
+        if refusal:
+            self.done = True
+            logger.info("refused a request: %s", refusal)
+            return await _respond(self.send, 400, error_body(refusal))
+        start, held, self.start, self.held = self.start, self.held, None, []
+        await self.send(start)
+        for m in held:
+            await self.send(m)
 
 
 def _replay(body: bytes, receive, more: bool = False):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -56,6 +57,36 @@ def header(role: str) -> str:
 def today() -> str:
     """Today's date as the official template writes it (``strftime("%d %b %Y")``)."""
     return datetime.date.today().strftime("%d %b %Y")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(value: Any, where: str) -> None:
+    """Refuse text that is not valid Unicode: a lone UTF-16 surrogate (JSON ``"\\udfff"``) parses,
+    but no tokenizer can encode it. Walks lists and objects, keys included.
+
+    >>> valid_unicode({"text": "fine \U0001F600"}, "messages[0]")
+    >>> valid_unicode(["ok", {"text": "bad \\udfff"}], "messages")
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.messages.RequestError: messages[1].text: contains a lone surrogate (U+DFFF), which is not valid Unicode; send valid UTF-8 text (a character outside the BMP is one \\U escape or a surrogate pair, never half of one)
+    """
+    stack = [(value, where)]
+    while stack:  # a loop, not recursion: any depth json.loads accepts is walked
+        value, where = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                raise RequestError(
+                    f"{where}: contains a lone surrogate (U+{ord(found.group()):04X}), which is not valid Unicode; send "
+                    "valid UTF-8 text (a character outside the BMP is one \\U escape or a surrogate pair, never half of one)"
+                )
+        elif isinstance(value, dict):
+            stack.extend((item, f"{where}.{key}") for key, item in reversed(value.items()))
+            stack.extend((key, f"{where} (a key)") for key in reversed(value))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{where}[{k}]") for k, item in reversed(list(enumerate(value))))
 
 
 def _where(i: int, j: Optional[int] = None) -> str:
@@ -237,6 +268,7 @@ def build_chat_prompt(
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RequestError("messages: send at least one message")
+    valid_unicode(messages, "messages")
     tools = check_tools(tools)
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -357,6 +389,7 @@ def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images:
     """
     if not isinstance(prompt, str):
         raise RequestError("prompt: send one string")
+    valid_unicode(prompt, "prompt")
     limit = DEFAULT_MAX_IMAGES if max_images is None else max_images
     if len(images) > limit:
         raise RequestError(

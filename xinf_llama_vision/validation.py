@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .generation import sampling_from_config
+from .generation import Sampling, sampling_from_config
 from .images import ImageError, ImageLimits, inline
 from .messages import (
     DEFAULT_MAX_IMAGES,
@@ -26,6 +26,7 @@ from .messages import (
     build_completion_prompt,
     check_tools,
     replace_images,
+    valid_unicode,
 )
 
 #: The key under which a launched model publishes its policy in its Xinference description.
@@ -42,19 +43,21 @@ class Policy:
     kind: str  # "base" or "instruct"
     max_images: int = DEFAULT_MAX_IMAGES
     image_limits: Dict[str, Any] = field(default_factory=dict)
+    #: Prompt plus output tokens the engine takes; ``None`` when unknown (no up-front check).
+    context_length: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
-        return cls(**{k: data[k] for k in ("kind", "max_images", "image_limits") if k in data})
+        return cls(**{k: data[k] for k in ("kind", "max_images", "image_limits", "context_length") if k in data})
 
     def limits(self) -> ImageLimits:
         return ImageLimits(**self.image_limits)
 
 
-def launch_policy(kind: str, config: Optional[Mapping[str, Any]]) -> Policy:
+def launch_policy(kind: str, config: Optional[Mapping[str, Any]], context_length: Optional[int] = None) -> Policy:
     """The policy of a model launched with ``config`` (its launch options); bad options raise ``ValueError``.
 
     >>> launch_policy("instruct", {"max_images": "2"}).max_images
@@ -72,12 +75,24 @@ def launch_policy(kind: str, config: Optional[Mapping[str, Any]]) -> Policy:
             raise ValueError
     except (TypeError, ValueError):
         raise ValueError(f"launch option max_images must be an integer >= 1, got {value!r}") from None
-    return Policy(kind=kind, max_images=max_images, image_limits=ImageLimits.from_config(config).to_dict())
+    return Policy(kind=kind, max_images=max_images, image_limits=ImageLimits.from_config(config).to_dict(),
+                  context_length=context_length)
 
 
-def _object(body: Any) -> Dict[str, Any]:
+def json_object(body: Any) -> Dict[str, Any]:
+    """``body`` if it is a JSON object whose every string is valid Unicode.
+
+    >>> json_object([1])
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.messages.RequestError: request body: expected a JSON object, got an array
+    """
     if not isinstance(body, dict):
-        raise RequestError("request body: expected a JSON object")
+        kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+        raise RequestError(f"request body: expected a JSON object, got {kinds.get(type(body), 'null')}")
+    for key, value in body.items():
+        valid_unicode(key, "request body (a key)")
+        valid_unicode(value, key)
     return body
 
 
@@ -130,6 +145,25 @@ def completion_images(body: Mapping[str, Any]) -> List[str]:
     return [i.strip() for i in images]
 
 
+def request_sampling(config: Mapping[str, Any], policy: Policy) -> Sampling:
+    """The request's sampling fields, checked; a ``max_tokens`` no prompt leaves room for is refused
+    up front (the prompt's own length is checked by the engine, which tokenizes it).
+
+    >>> request_sampling({"max_tokens": 4096}, Policy("base", context_length=4096))
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.messages.RequestError: max_tokens: 4096 is more than this model's context length of 4096 tokens leaves after the prompt; ask for at most 4095
+    """
+    out = sampling_from_config(config)
+    limit = policy.context_length
+    if limit and out.max_tokens is not None and out.max_tokens >= limit:
+        raise RequestError(
+            f"max_tokens: {out.max_tokens} is more than this model's context length of {limit} tokens leaves "
+            f"after the prompt; ask for at most {limit - 1}"
+        )
+    return out
+
+
 def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tuple[Prompt, Optional[List[Dict]]]:
     """A chat request → (prompt, tools); tools are ``None`` when the request has none.
 
@@ -140,7 +174,7 @@ def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tup
             "this is a base (pretrained) model: it has no chat template; send a raw prompt to "
             "/v1/completions (with <|image|> where the image goes), or launch llama-3.2-vision-instruct"
         )
-    sampling_from_config(config)
+    request_sampling(config, policy)
     tools = check_tools(config.get("tools"))
     prompt = build_chat_prompt(messages, max_images=policy.max_images, tools=tools, **template_options(config))
     if tools and config.get("stream"):
@@ -150,7 +184,7 @@ def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tup
 
 def completion_prompt(prompt: Any, config: Mapping[str, Any], policy: Policy) -> Prompt:
     """A completion request → its prompt and images (any family: the prompt is raw text)."""
-    sampling_from_config(config)
+    request_sampling(config, policy)
     return build_completion_prompt(prompt, completion_images(config), max_images=policy.max_images)
 
 
@@ -182,7 +216,7 @@ def _inline_all(sources, where: List[str], limits: ImageLimits) -> List[str]:
 
 def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:
     """Validate a ``/v1/chat/completions`` body; return it with every image inlined as a data URI."""
-    body = _object(body)
+    body = json_object(body)
     prompt, _ = chat_prompt(body.get("messages"), body, policy)
     if not prompt.images:
         return body
@@ -192,7 +226,7 @@ def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:
 
 def check_completion(body: Any, policy: Policy) -> Dict[str, Any]:
     """Validate a ``/v1/completions`` body; its ``images`` travel on, inlined, to the model."""
-    body = _object(body)
+    body = json_object(body)
     prompt = completion_prompt(body.get("prompt"), body, policy)
     out = {k: v for k, v in body.items() if k != "images"}
     if prompt.images:

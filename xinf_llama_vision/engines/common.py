@@ -1,9 +1,20 @@
-"""What every engine shares beyond :mod:`..validation`: publishing the launch policy."""
+"""What every engine shares beyond :mod:`..validation`: publishing the launch policy, and the
+context length with the one check of a request that needs the tokenized prompt."""
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any, Optional
+
 from xinference.model.llm.llm_family import LLMFamilyV2
 
+try:  # Xinference >= 4.1 answers this with a 400
+    from xinference.model.llm.context_length import ContextLengthExceeded
+except ImportError:  # pragma: no cover - Xinference 4.0
+    ContextLengthExceeded = ValueError
+
+from ..messages import RequestError
 from ..validation import POLICY_KEY, Policy
 
 
@@ -19,3 +30,56 @@ class LaunchedFamily(LLMFamilyV2):
 
 def launched(family: LLMFamilyV2, policy: Policy) -> LaunchedFamily:
     return LaunchedFamily.parse_obj({**family.dict(), POLICY_KEY: policy.to_dict()})
+
+
+def checkpoint_max_positions(model_path: str) -> Optional[int]:
+    """``text_config.max_position_embeddings`` of the checkpoint, if it says."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    value = (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+def context_length(launch_value: Any, model_path: str, family: LLMFamilyV2) -> int:
+    """The context a launched model serves: the launch option, else the checkpoint's, else the family's."""
+    if launch_value is not None:
+        try:
+            value = int(launch_value)
+            if value < 1 or value != float(launch_value):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"launch option context length must be an integer >= 1, got {launch_value!r}") from None
+        return value
+    return checkpoint_max_positions(model_path) or int(family.context_length)
+
+
+class ContextTooLong(RequestError, ContextLengthExceeded):
+    """Prompt plus ``max_tokens`` do not fit the context. Xinference answers its own
+    ``ContextLengthExceeded`` with a 400; the API guard turns the streamed form into one too."""
+
+
+def output_room(prompt_tokens: int, max_tokens: Optional[int], context: int) -> int:
+    """How many tokens a request may generate: ``max_tokens``, or all the room the prompt leaves.
+
+    >>> output_room(10, None, 100), output_room(10, 90, 100)
+    (90, 90)
+    >>> output_room(10, 91, 100)
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.engines.common.ContextTooLong: the prompt is 10 tokens and max_tokens is 91: together more than this model's context length of 100 tokens; lower max_tokens to at most 90 or shorten the prompt
+    """
+    room = context - prompt_tokens
+    if room < 1:
+        raise ContextTooLong(
+            f"the prompt is {prompt_tokens} tokens, which leaves no room in this model's context length of "
+            f"{context} tokens; shorten the prompt"
+        )
+    if max_tokens is not None and max_tokens > room:
+        raise ContextTooLong(
+            f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: together more than this "
+            f"model's context length of {context} tokens; lower max_tokens to at most {room} or shorten the prompt"
+        )
+    return max_tokens or room

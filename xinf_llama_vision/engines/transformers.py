@@ -16,12 +16,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from xinference.model.llm.transformers.core import PytorchChatModel, PytorchModel
 from xinference.model.llm.utils import generate_completion, generate_completion_chunk
 
-from ..generation import Detokenizer, Sampling, StopText, sampling_from_config
+from ..generation import Detokenizer, Sampling, StopText
 from ..images import load_images
-from ..messages import Prompt, RequestError
+from ..messages import Prompt
 from ..registration import serves
-from ..validation import chat_prompt, completion_prompt, launch_policy
-from .common import launched
+from ..validation import chat_prompt, completion_prompt, launch_policy, request_sampling
+from .common import context_length, launched, output_room
 
 
 #: How many tokens generation may run ahead of the reader of a streamed answer.
@@ -38,7 +38,8 @@ class _Mllama:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Launch options are checked here, so a bad one fails the launch with its message.
-        self._policy = launch_policy(self.kind, self._pytorch_model_config)
+        context = context_length(self._pytorch_model_config.get("context_length"), self.model_path, self.model_family)
+        self._policy = launch_policy(self.kind, self._pytorch_model_config, context)
         self.model_family = launched(self.model_family, self._policy)
 
     @classmethod
@@ -82,16 +83,8 @@ class _Mllama:
         return inputs.to(self._model.device)
 
     def _generate_kwargs(self, sampling: Sampling, prompt_tokens: int) -> Dict[str, Any]:
-        context = int(self._context_length or self.model_family.context_length)
-        room = context - prompt_tokens
-        if room < 1:
-            raise RequestError(f"prompt has {prompt_tokens} tokens, the context length is {context}")
-        if sampling.max_tokens is not None and sampling.max_tokens > room:
-            raise RequestError(
-                f"max_tokens {sampling.max_tokens} + prompt {prompt_tokens} tokens exceeds the context length {context}"
-            )
         kwargs: Dict[str, Any] = {
-            "max_new_tokens": sampling.max_tokens or room,
+            "max_new_tokens": output_room(prompt_tokens, sampling.max_tokens, self._policy.context_length),
             "eos_token_id": list(dict.fromkeys(self._stop_ids + list(sampling.stop_token_ids))),
             "pad_token_id": self._tokenizer.pad_token_id,
         }
@@ -176,7 +169,7 @@ class _Mllama:
 
     def _completion_chunks(self, prompt: Prompt, config: Dict[str, Any]) -> Tuple[Sampling, int, Iterator]:
         """Validate, load images, and return ``(sampling, prompt_tokens, text events)``."""
-        sampling = sampling_from_config(config)
+        sampling = request_sampling(config, self._policy)
         inputs = self._inputs(prompt)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs = self._generate_kwargs(sampling, prompt_tokens)

@@ -32,13 +32,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from packaging.version import InvalidVersion, Version
 from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 
-from ..generation import sampling_from_config
 from ..images import KNOBS, load_images
 from ..messages import Prompt
 from ..registration import our_families, serves
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS
-from ..validation import chat_prompt, completion_prompt, launch_policy
-from .common import launched
+from ..validation import chat_prompt, completion_prompt, launch_policy, request_sampling
+from .common import checkpoint_max_positions, context_length, launched, output_room
 
 logger = logging.getLogger("xinf_llama_vision")
 
@@ -130,17 +129,6 @@ def family_defaults(llm_family, llm_spec) -> Dict[str, Any]:
     return spec.vllm.model_dump(exclude_none=True) if spec is not None else {}
 
 
-def checkpoint_max_positions(model_path: str) -> Optional[int]:
-    """``text_config.max_position_embeddings`` of the checkpoint, if it says."""
-    try:
-        with open(os.path.join(model_path, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    value = (config.get("text_config") or {}).get("max_position_embeddings")
-    return int(value) if isinstance(value, int) else None
-
-
 def checkpoint_sampling(model_path: str) -> Dict[str, Any]:
     """The sampling defaults of the checkpoint's ``generation_config.json``, as the
     Transformers engine's ``generate`` applies them to fields a request leaves unset."""
@@ -223,7 +211,9 @@ class _MllamaVLLM:
         if config.get("max_images") is None and "image" in limit:
             config["max_images"] = limit["image"]  # one number for both: vLLM's limit is ours
         # Launch options are checked here, so a bad one fails the launch with its message.
-        self._policy = launch_policy(self.kind, config)
+        context = context_length(config.get("max_model_len") or self._default_max_model_len(),
+                                 self.model_path, self.model_family)
+        self._policy = launch_policy(self.kind, config, context)
         self.model_family = launched(self.model_family, self._policy)
 
     def launch_config(self, model_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -233,10 +223,7 @@ class _MllamaVLLM:
         for name in ("max_images", *(k.option for k in KNOBS)):
             config.pop(name, None)
         for name, value in family_defaults(self.model_family, self.model_spec).items():
-            if name == "max_model_len":
-                longest = checkpoint_max_positions(self.model_path)
-                value = min(value, longest) if longest else value
-            config.setdefault(name, value)
+            config.setdefault(name, self._default_max_model_len() if name == "max_model_len" else value)
         if config.get("tensor_parallel_size") is None and not self._device_count:
             config["tensor_parallel_size"] = 1  # vLLM's CPU build: no GPUs to split over
         for name, kind in (("max_num_seqs", int), ("max_model_len", int), ("tensor_parallel_size", int),
@@ -253,6 +240,12 @@ class _MllamaVLLM:
             )
         config["limit_mm_per_prompt"] = {**limit, "image": self._policy.max_images}
         return config
+
+    def _default_max_model_len(self) -> Optional[int]:
+        """Our per-size default, never beyond what the checkpoint supports."""
+        value = family_defaults(self.model_family, self.model_spec).get("max_model_len")
+        longest = checkpoint_max_positions(self.model_path)
+        return min(value, longest) if value and longest else value
 
     def _sanitize_model_config(self, model_config):
         return super()._sanitize_model_config(self.launch_config(model_config))
@@ -305,7 +298,7 @@ class _MllamaVLLM:
         """Validate the sampling fields as the Transformers engine does; add stop ids and the
         checkpoint's sampling defaults for fields the request leaves unset."""
         config = dict(config or {})
-        sampling = sampling_from_config(config)
+        sampling = request_sampling(config, self._policy)
         config["stop_token_ids"] = list(dict.fromkeys(self._stop_ids + list(sampling.stop_token_ids)))
         if sampling.stop:
             config["stop"] = list(sampling.stop)
@@ -314,9 +307,10 @@ class _MllamaVLLM:
                 config[name] = value
         return config
 
-    async def vllm_inputs(self, prompt: Prompt) -> Dict[str, Any]:
+    async def vllm_inputs(self, prompt: Prompt, config: Dict[str, Any]) -> Dict[str, Any]:
         """Our prompt and images → vLLM's input: the template's exact ids and PIL images."""
         ids = self._hf_tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+        output_room(len(ids), config.get("max_tokens"), self._policy.context_length)
         inputs: Dict[str, Any] = {"prompt_token_ids": ids, "prompt": prompt.text}
         if prompt.images:
             images = await asyncio.to_thread(load_images, prompt.images, self._policy.limits())
@@ -331,7 +325,9 @@ class _MllamaVLLM:
     async def completion_inputs(self, prompt: Any, generate_config: Optional[Dict]) -> Tuple[Dict, Dict]:
         """A raw completion request → (vLLM input, request config)."""
         config = dict(generate_config or {})
-        return await self.vllm_inputs(completion_prompt(prompt, config, self._policy)), self.request_config(config)
+        prompt = completion_prompt(prompt, config, self._policy)
+        config = self.request_config(config)
+        return await self.vllm_inputs(prompt, config), config
 
     async def async_generate(self, prompt, generate_config=None, tools=False, request_id=None):
         if isinstance(prompt, str):  # a raw completion request (both families)
@@ -348,7 +344,8 @@ class MllamaVLLMChatModel(_MllamaVLLM, VLLMMultiModel):
         config = dict(generate_config or {})
         prompt, tools = chat_prompt(messages, config, self._policy)
         config.pop("tools", None)
-        return await self.vllm_inputs(prompt), tools, {}, self.request_config(config)
+        config = self.request_config(config)
+        return await self.vllm_inputs(prompt, config), tools, {}, config
 
 
 class MllamaVLLMGenerateModel(_MllamaVLLM, VLLMModel):

@@ -1,0 +1,42 @@
+import httpx, pytest
+
+CASES = {
+ "invalid utf8": b'{"model": "%s", "prompt": "\xff\xfe", "max_tokens": 2}',
+ "invalid utf8 chat": b'{"model": "%s", "messages": [{"role": "user", "content": "\xff"}], "max_tokens": 2}',
+ "huge int": b'{"model": "%s", "prompt": "Hi", "max_tokens": 1' + b'0' * 5000 + b'}',
+ "1e400": b'{"model": "%s", "prompt": "Hi", "max_tokens": 1e400}',
+ "not json": b'hello %s',
+ "empty": b'',
+ "NaN": b'{"model": "%s", "prompt": "Hi", "max_tokens": 2, "temperature": NaN}',
+ "BOM": b'\xef\xbb\xbf{"model": "%s", "prompt": "Hi", "max_tokens": 2}',
+ "array": b'[{"model": "%s"}]',
+ "null": b'null',
+ "string model": b'{"model": ["%s"], "prompt": "Hi"}',
+ "surrogate in model": b'{"model": "%s\\udfff", "prompt": "Hi"}',
+ "surrogate key": b'{"model": "%s", "prompt": "Hi", "\\udfff": 1}',
+ "nul in prompt": b'{"model": "%s", "prompt": "Hi\\u0000there", "max_tokens": 2}',
+ "special tokens in prompt": b'{"model": "%s", "prompt": "<|eot_id|><|finetune_right_pad_id|><|python_tag|>", "max_tokens": 2}',
+ "max_tokens 0": b'{"model": "%s", "prompt": "Hi", "max_tokens": 0}',
+ "max_tokens negative": b'{"model": "%s", "prompt": "Hi", "max_tokens": -1}',
+ "max_tokens huge": b'{"model": "%s", "prompt": "Hi", "max_tokens": 100000000}',
+ "n=2": b'{"model": "%s", "prompt": "Hi", "max_tokens": 2, "n": 2}',
+ "logprobs": b'{"model": "%s", "prompt": "Hi", "max_tokens": 2, "logprobs": 5}',
+ "seed": b'{"model": "%s", "prompt": "Hi", "max_tokens": 2, "seed": -5}',
+ "stop 100": b'{"model": "%s", "prompt": "Hi", "max_tokens": 2, "stop": ["a","b","c","d","e","f"]}',
+ "echo": b'{"model": "%s", "prompt": "Hi", "max_tokens": 2, "echo": true}',
+ "prompt list": b'{"model": "%s", "prompt": ["Hi", "There"], "max_tokens": 2}',
+ "prompt tokens": b'{"model": "%s", "prompt": [1, 2, 3], "max_tokens": 2}',
+}
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("case", CASES)
+def test_probe(server, base_uid, chat_uid, case, path):
+    uid = base_uid if path == "/v1/completions" else chat_uid
+    raw = CASES[case]
+    if b"%s" in raw:
+        raw = raw.replace(b"%s", uid.encode())
+    if path == "/v1/chat/completions":
+        raw = raw.replace(b'"prompt": "Hi"', b'"messages": [{"role": "user", "content": "Hi"}]')
+    r = httpx.post(server.endpoint + path, content=raw, headers={"content-type": "application/json"}, timeout=120)
+    print("\nPROBE", path, case, r.status_code, r.text[:300])
+    assert r.status_code < 500
