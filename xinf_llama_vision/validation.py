@@ -68,15 +68,23 @@ def launch_policy(kind: str, config: Optional[Mapping[str, Any]], context_length
     ValueError: launch option max_images must be an integer >= 1, got 'two'
     """
     config = dict(config or {})
-    value = config.get("max_images", DEFAULT_MAX_IMAGES)
+    return Policy(kind=kind, max_images=launch_int("max_images", config.get("max_images", DEFAULT_MAX_IMAGES)),
+                  image_limits=ImageLimits.from_config(config).to_dict(), context_length=context_length)
+
+
+def launch_int(name: str, value: Any) -> int:
+    """A launch option that must be a whole number >= 1 (the CLI passes text).
+
+    >>> launch_int("context_length", "8192")
+    8192
+    """
     try:
-        max_images = int(value)
-        if max_images < 1 or max_images != float(value):
+        number = int(value)
+        if number < 1 or number != float(value):
             raise ValueError
     except (TypeError, ValueError):
-        raise ValueError(f"launch option max_images must be an integer >= 1, got {value!r}") from None
-    return Policy(kind=kind, max_images=max_images, image_limits=ImageLimits.from_config(config).to_dict(),
-                  context_length=context_length)
+        raise ValueError(f"launch option {name} must be an integer >= 1, got {value!r}") from None
+    return number
 
 
 def json_object(body: Any) -> Dict[str, Any]:

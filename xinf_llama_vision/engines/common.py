@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - Xinference 4.0
     ContextLengthExceeded = ValueError
 
 from ..messages import RequestError
-from ..validation import POLICY_KEY, Policy
+from ..validation import POLICY_KEY, Policy, launch_int
 
 
 class LaunchedFamily(LLMFamilyV2):
@@ -43,16 +43,10 @@ def checkpoint_max_positions(model_path: str) -> Optional[int]:
     return int(value) if isinstance(value, int) else None
 
 
-def context_length(launch_value: Any, model_path: str, family: LLMFamilyV2) -> int:
+def context_length(option: str, launch_value: Any, model_path: str, family: LLMFamilyV2) -> int:
     """The context a launched model serves: the launch option, else the checkpoint's, else the family's."""
     if launch_value is not None:
-        try:
-            value = int(launch_value)
-            if value < 1 or value != float(launch_value):
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ValueError(f"launch option context length must be an integer >= 1, got {launch_value!r}") from None
-        return value
+        return launch_int(option, launch_value)
     return checkpoint_max_positions(model_path) or int(family.context_length)
 
 

@@ -38,8 +38,9 @@ class _Mllama:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Launch options are checked here, so a bad one fails the launch with its message.
-        context = context_length(self._pytorch_model_config.get("context_length"), self.model_path, self.model_family)
-        self._policy = launch_policy(self.kind, self._pytorch_model_config, context)
+        config = self._pytorch_model_config
+        context = context_length("context_length", config.get("context_length"), self.model_path, self.model_family)
+        self._policy = launch_policy(self.kind, config, context)
         self.model_family = launched(self.model_family, self._policy)
 
     @classmethod

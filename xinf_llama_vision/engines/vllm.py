@@ -211,7 +211,7 @@ class _MllamaVLLM:
         if config.get("max_images") is None and "image" in limit:
             config["max_images"] = limit["image"]  # one number for both: vLLM's limit is ours
         # Launch options are checked here, so a bad one fails the launch with its message.
-        context = context_length(config.get("max_model_len") or self._default_max_model_len(),
+        context = context_length("max_model_len", config.get("max_model_len") or self._default_max_model_len(),
                                  self.model_path, self.model_family)
         self._policy = launch_policy(self.kind, config, context)
         self.model_family = launched(self.model_family, self._policy)
