@@ -21,6 +21,7 @@
 #   std::ios_base_library_init(); where libstdc++ is older (Debian 12) that requirement is
 #   marked weak in the ELF and a one-line shim defining the symbol is preloaded.
 set -euo pipefail
+trap 'echo "setup-vllm: failed (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-python3.11}
@@ -91,7 +92,9 @@ $PIP install -q --no-deps --no-build-isolation "$WORK/plug"
 # 4) GLIBCXX_3.4.32 shim where the system libstdc++ is older than GCC 13's.
 ENVFILE="$VENV/vllm-cpu.env"
 echo "export VLLM_USE_V1=0 VLLM_CPU_KVCACHE_SPACE=\${VLLM_CPU_KVCACHE_SPACE:-1}" > "$ENVFILE"
-LIBSTDCXX=$(/sbin/ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/{print $NF; exit}')
+# (awk reads to the end: an early exit would kill ldconfig with SIGPIPE, which pipefail turns
+# into a silent failure of this script on a busy machine.)
+LIBSTDCXX=$(/sbin/ldconfig -p | awk '/libstdc\+\+\.so\.6 .*x86-64/ && !found {print $NF; found=1}')
 if ! grep -q GLIBCXX_3.4.32 "$LIBSTDCXX"; then
   echo 'void _ZSt21ios_base_library_initv(void) {}' > "$WORK/shim.c"
   gcc -shared -fPIC -O2 -o "$VENV/lib/libiosinit_shim.so" "$WORK/shim.c"

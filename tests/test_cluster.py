@@ -99,10 +99,12 @@ def test_two_replicas_on_two_workers_and_failover(cluster, tiny_checkpoint, refe
                    "--disable-virtual-env", timeout=400)
     expected = reference.generate(reference.render(MESSAGES), [], MAX)[0]
 
-    # One replica per worker, as the supervisor reports it.
-    statuses = replica_statuses(endpoint, "clustered")
+    # One replica per worker, as the supervisor reports it. The launch can return while the second
+    # replica is still CREATING: wait (bounded) for both to be READY.
+    statuses = poll(lambda: (s := replica_statuses(endpoint, "clustered"))
+                    and {status for _, status in s.values()} == {"READY"} and s, 300, every=2)
+    assert statuses, replica_statuses(endpoint, "clustered")
     assert sorted(statuses) == ["clustered-rep0", "clustered-rep1"]
-    assert {status for _, status in statuses.values()} == {"READY"}
     view = workers_view(endpoint)
     assert len(view) == 2 and all(len(models) == 1 for models in view.values()), view
     assert {worker for worker, _ in statuses.values()} == set(view)
