@@ -71,6 +71,7 @@ image_parts = st.one_of(
     st.fixed_dictionaries({"type": st.just("image"), "url": image_urls}),
     st.fixed_dictionaries({"type": st.just("image"), "image": image_urls}),
     st.fixed_dictionaries({"type": st.just("image_url"), "image_url": json_values}),
+    st.just({"type": "image"}),  # its image comes from the request's "images" list
 )
 odd_parts = st.fixed_dictionaries(
     {"type": st.one_of(st.sampled_from(["input_audio", "video_url", "TEXT", "image_url ", None, 3]), texts)},
@@ -98,7 +99,7 @@ messages_one = st.fixed_dictionaries(
 _short = st.text(max_size=12)
 _good_image_part = st.sampled_from([
     {"type": "image_url", "image_url": {"url": GOOD_IMAGE}}, {"type": "image_url", "image_url": GOOD_IMAGE},
-    {"type": "image", "url": GOOD_IMAGE},
+    {"type": "image", "url": GOOD_IMAGE}, {"type": "image"},
 ])
 _good_text_part = st.builds(lambda t: {"type": "text", "text": t}, _short)
 _good_call = st.fixed_dictionaries({"id": _short, "type": st.just("function"), "function": st.fixed_dictionaries(
@@ -146,6 +147,9 @@ chat_template_kwargs = st.one_of(
 )
 
 
+completion_images = st.one_of(st.none(), st.lists(image_urls, max_size=3), json_values)
+
+
 def sampling(max_tokens=st.one_of(st.integers(1, 4), json_values)):
     return st.fixed_dictionaries({"max_tokens": max_tokens}, optional={
         "temperature": st.one_of(st.just(0), json_values), "top_p": json_values, "top_k": json_values,
@@ -158,14 +162,14 @@ def sampling(max_tokens=st.one_of(st.integers(1, 4), json_values)):
 def chat_bodies(max_tokens=st.one_of(st.integers(1, 4), json_values)):
     """Junk sampling fields half of the time, valid ones the other half (so the messages matter)."""
     valid = st.fixed_dictionaries({"max_tokens": st.integers(1, 4), "temperature": st.just(0)},
-                                  optional={"stream": st.booleans(), "tools": tools})
+                                  optional={"stream": st.booleans(), "tools": tools,
+                                            "images": st.one_of(st.just([GOOD_IMAGE]), completion_images)})
     return st.builds(lambda m, s: {**s, "messages": m}, message_lists, st.one_of(sampling(max_tokens), valid))
 
 
 completion_prompts = st.one_of(
     texts, st.sampled_from(["<|image|>Caption:", "<|image|><|image|>", "<|begin_of_text|>Once", "Once upon"]), json_values,
 )
-completion_images = st.one_of(st.none(), st.lists(image_urls, max_size=3), json_values)
 
 
 def completion_bodies(max_tokens=st.one_of(st.integers(1, 4), json_values)):

@@ -69,6 +69,9 @@ SHAPES = {
     ),
     "image_url as a plain string": ([{"role": "user", "content": [image(RED, "string"), text("?")]}], [RED], {}),
     "HF-native image part": ([{"role": "user", "content": [image(GREEN, "hf"), text("?")]}], [GREEN], {}),
+    "HF-native image part, image sent separately": (
+        [{"role": "user", "content": [text("Describe"), {"type": "image"}]}], [RED], {"images": [data_uri(RED)]},
+    ),
     "tools": ([{"role": "user", "content": "Weather in Oslo?"}], [], {"tools": [WEATHER]}),
     "tool result": (
         [
@@ -90,7 +93,8 @@ def chat(server, uid, messages, **extra):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_each_shape_matches_raw_transformers(server, chat_uid, reference, shape):
     messages, images, extra = SHAPES[shape]
-    expected, prompt_tokens, _ = reference.generate(reference.render(messages, **extra), images, MAX)
+    template_args = {k: v for k, v in extra.items() if k == "tools"}
+    expected, prompt_tokens, _ = reference.generate(reference.render(messages, **template_args), images, MAX)
     status, body = chat(server, chat_uid, messages, **extra)
     assert status == 200, body
     message = body["choices"][0]["message"]
@@ -146,6 +150,15 @@ REFUSALS = {
     "two images, default limit 1": (
         {"messages": [{"role": "user", "content": [image(RED), image(GREEN), text("?")]}]},
         "2 images sent, this model accepts at most 1 per request (launch option max_images)",
+    ),
+    "an image part without a URL and no images list": (
+        {"messages": [{"role": "user", "content": [text("?"), {"type": "image"}]}]},
+        "messages[0].content[1]: an image part without a URL takes the next image of the request's \"images\" list, "
+        "and none is left",
+    ),
+    "an images list with no part to take it": (
+        {"messages": [{"role": "user", "content": "hi"}], "images": [data_uri(RED)]},
+        'images: 1 image(s) left over: each one needs a {"type": "image"} part in a user message where it goes',
     ),
     "two tool calls at once": (
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL, CALL]},
@@ -239,6 +252,11 @@ BASE_REFUSALS = {
                                        "prompt: contains a lone surrogate (U+DFFF), which is not valid Unicode"),
     "images not a list": ({"prompt": "<|image|>Caption:", "images": data_uri(RED)},
                           "images: expected a list of image URLs"),
+    "<|image|> without an image": ({"prompt": "<|image|>Caption:"},
+                                   "prompt: 1 <|image|> token(s) but 0 image(s) sent; put one <|image|> in the prompt "
+                                   "where each image goes"),
+    "two images, default limit 1": ({"prompt": "<|image|><|image|>Caption:", "images": [data_uri(RED), data_uri(GREEN)]},
+                                    "images: 2 sent, this model accepts at most 1 per request (launch option max_images)"),
 }
 
 
@@ -259,6 +277,39 @@ def test_base_prompt_gets_exactly_one_bos(server, base_uid, reference, prompt):
     assert status == 200, body
     assert body["choices"][0]["text"] == expected
     assert body["usage"]["prompt_tokens"] == prompt_tokens
+
+
+TOOL_DATE = {"date_string": "26 Jul 2024"}
+TOOL_ANSWER = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+
+
+@pytest.fixture(scope="module")
+def tool_caller(server, tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint taught (raw transformers) to answer the "tools" shape with a tool call, launched."""
+    from oracle import Reference, teach
+
+    messages, _, extra = SHAPES["tools"]
+    prompt = Reference(tiny_checkpoint).render(messages, **TOOL_DATE, **extra)
+    path = teach(tiny_checkpoint, str(tmp_path_factory.mktemp("tool-caller")), prompt, TOOL_ANSWER + "<|eot_id|>")
+    reference = Reference(path)
+    assert reference.generate(prompt, [], 40)[0] == TOOL_ANSWER  # raw transformers says it
+    return server.launch("llama-3.2-vision-instruct", "tool-caller", path, "--disable-virtual-env")
+
+
+def test_a_tool_call_answer_comes_back_as_openai_tool_calls(server, tool_caller):
+    messages, _, extra = SHAPES["tools"]
+    response = server.openai().chat.completions.create(
+        model=tool_caller, messages=messages, max_tokens=40, temperature=0, extra_body={"chat_template_kwargs": TOOL_DATE},
+        **extra,
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == json.loads(TOOL_ANSWER)["parameters"]
+    # The same model without tools answers in text: the tool call came from the tools prompt.
+    status, body = chat(server, tool_caller, messages, chat_template_kwargs=TOOL_DATE)
+    assert status == 200 and body["choices"][0]["finish_reason"] != "tool_calls", body
 
 
 def test_tool_call_answers_become_openai_tool_calls(tiny_checkpoint):

@@ -123,6 +123,29 @@ def test_images_come_back_in_prompt_order():
     assert prompt.text.count("<|image|>") == 2
 
 
+def test_hf_image_parts_take_the_separate_images_in_order(official):
+    """``{"type": "image"}`` with the images in the request's ``images`` list: the template's own form."""
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare with"}, URL]},
+        {"role": "assistant", "content": "Both are cats."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image"}]},
+    ]
+    prompt = build_chat_prompt(messages, date_string=DATE, max_images=3, images=["data:a", "data:b"])
+    assert prompt.text == official(messages)
+    assert prompt.images == ("data:a", "https://example.com/cat.png", "data:b")
+
+
+@pytest.mark.parametrize("images, message", [
+    ([], "messages[0].content[1]: an image part without a URL takes the next image of the request's \"images\" list, "
+         "and none is left"),
+    (["data:a", "data:b"], 'images: 1 image(s) left over: each one needs a {"type": "image"} part'),
+])
+def test_hf_image_parts_and_separate_images_must_pair_up(images, message):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "?"}, {"type": "image"}]}]
+    with pytest.raises(RequestError, match=re.escape(message)):
+        build_chat_prompt(messages, date_string=DATE, max_images=3, images=images)
+
+
 def test_exact_token_ids_of_an_image_prompt():
     from transformers import PreTrainedTokenizerFast
 

@@ -93,13 +93,17 @@ def _where(i: int, j: Optional[int] = None) -> str:
     return f"messages[{i}]" + (f".content[{j}]" if j is not None else "")
 
 
-def image_source(part: Dict[str, Any], where: str) -> str:
-    """The URL (``data:`` URI or http(s)) of an image part, in any form users send.
+def image_source(part: Dict[str, Any], where: str) -> Optional[str]:
+    """The URL (``data:`` URI or http(s)) of an image part, in any form users send; ``None`` for the
+    Hugging Face form without one (``{"type": "image"}``), whose image travels in the request's
+    ``images`` list.
 
     >>> image_source({"type": "image_url", "image_url": {"url": "https://x/y.png"}}, "m")
     'https://x/y.png'
     >>> image_source({"type": "image_url", "image_url": "https://x/y.png"}, "m")
     'https://x/y.png'
+    >>> image_source({"type": "image"}, "m") is None
+    True
     >>> image_source({"type": "image_url", "image_url": {}}, "messages[0].content[1]")
     Traceback (most recent call last):
     ...
@@ -108,7 +112,9 @@ def image_source(part: Dict[str, Any], where: str) -> str:
     if part.get("type") == "image_url":
         value = part.get("image_url")
         url = value.get("url") if isinstance(value, dict) else value
-    else:  # HF-native {"type": "image", "url"/"image": ...}
+    else:  # HF-native {"type": "image", "url"/"image": ...}, or bare
+        if "url" not in part and "image" not in part:
+            return None
         url = part.get("url", part.get("image"))
     if not isinstance(url, str) or not url.strip():
         raise RequestError(
@@ -241,8 +247,12 @@ def build_chat_prompt(
     max_images: Optional[int] = None,
     tools: Any = None,
     tools_in_user_message: bool = True,
+    images: Sequence[str] = (),
 ) -> Prompt:
     """Render a chat request exactly as the official Llama 3.2 Vision instruct template does.
+
+    ``images`` are the request's separate image list: the Hugging Face form ``{"type": "image"}``
+    (no URL in the part) takes them one by one, in prompt order.
 
     A conversation without images (or with a system message) gets the template's system block:
 
@@ -286,7 +296,7 @@ def build_chat_prompt(
     if user_supplied_system:
         system_message = text_only(content_parts(messages[0]["content"], _where(0)), _where(0), "system").strip()
     turns: List[Tuple[str, str]] = []  # (header role, body)
-    images: List[str] = []
+    separate, images = list(images), []
     for i in range(int(user_supplied_system), len(messages)):
         m, where = messages[i], _where(i)
         role = m["role"]
@@ -300,8 +310,15 @@ def build_chat_prompt(
             turns.append((role, text_only(content_parts(m["content"], where), where, role)))
         else:
             parts = content_parts(m["content"], where)
-            images.extend(p["url"] for p in parts if p["type"] == "image")
+            for j, p in enumerate(parts):
+                if p["type"] == "image":
+                    images.append(p["url"] if p["url"] is not None else _separate_image(separate, f"{where}.content[{j}]"))
             turns.append((role, "".join(IMAGE if p["type"] == "image" else p["text"] for p in parts)))
+    if separate:
+        raise RequestError(
+            f"images: {len(separate)} image(s) left over: each one needs a {{\"type\": \"image\"}} part in a user "
+            "message where it goes (or send it as an image_url part instead)"
+        )
     if not turns:
         raise RequestError("messages: send at least one user message after the system message")
     if add_generation_prompt and turns[-1][0] not in ("user", "ipython"):
@@ -346,6 +363,17 @@ def build_chat_prompt(
     if add_generation_prompt:
         out.append(header("assistant"))
     return Prompt("".join(out), tuple(images))
+
+
+def _separate_image(separate: List[str], where: str) -> str:
+    """The next image of the request's ``images`` list, for a ``{"type": "image"}`` part at ``where``."""
+    if not separate:
+        raise RequestError(
+            f'{where}: an image part without a URL takes the next image of the request\'s "images" list, and none is '
+            'left; send the image in the request\'s "images" list, or as {"type": "image_url", "image_url": {"url": '
+            '"data:image/png;base64,..." or "https://..."}}'
+        )
+    return separate.pop(0)
 
 
 def replace_images(messages: Sequence[Dict[str, Any]], sources: Sequence[str]) -> List[Dict[str, Any]]:

@@ -129,13 +129,14 @@ def template_options(config: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def completion_images(body: Mapping[str, Any]) -> List[str]:
-    """The images of a completion request: its ``images`` field, a list of image URLs (once the API
-    process has checked a request, they travel on in ``chat_template_kwargs``).
+def request_images(body: Mapping[str, Any]) -> List[str]:
+    """The request's separate ``images`` field, a list of image URLs: a completion's images, or a
+    chat's for its ``{"type": "image"}`` parts (once the API process has checked a completion, its
+    images travel on in ``chat_template_kwargs``; a chat's are put into their parts).
 
-    >>> completion_images({"images": ["data:image/png;base64,AAAA"]})
+    >>> request_images({"images": ["data:image/png;base64,AAAA"]})
     ['data:image/png;base64,AAAA']
-    >>> completion_images({"images": "https://x/y.png"})
+    >>> request_images({"images": "https://x/y.png"})
     Traceback (most recent call last):
     ...
     xinf_llama_vision.messages.RequestError: images: expected a list of image URLs (data: URIs or http(s) URLs), got str
@@ -184,7 +185,8 @@ def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tup
         )
     request_sampling(config, policy)
     tools = check_tools(config.get("tools"))
-    prompt = build_chat_prompt(messages, max_images=policy.max_images, tools=tools, **template_options(config))
+    prompt = build_chat_prompt(messages, max_images=policy.max_images, tools=tools, images=request_images(config),
+                               **template_options(config))
     if tools and config.get("stream"):
         raise RequestError("stream: tool calls cannot be streamed with Llama 3.2 Vision; send stream=false with tools")
     return prompt, tools
@@ -193,7 +195,7 @@ def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tup
 def completion_prompt(prompt: Any, config: Mapping[str, Any], policy: Policy) -> Prompt:
     """A completion request → its prompt and images (any family: the prompt is raw text)."""
     request_sampling(config, policy)
-    return build_completion_prompt(prompt, completion_images(config), max_images=policy.max_images)
+    return build_completion_prompt(prompt, request_images(config), max_images=policy.max_images)
 
 
 def image_locations(messages: Any) -> List[str]:
@@ -226,10 +228,11 @@ def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:
     """Validate a ``/v1/chat/completions`` body; return it with every image inlined as a data URI."""
     body = json_object(body)
     prompt, _ = chat_prompt(body.get("messages"), body, policy)
-    if not prompt.images:
-        return body
-    inlined = _inline_all(prompt.images, image_locations(body["messages"]), policy.limits())
-    return {**body, "messages": replace_images(body["messages"], inlined)}
+    out = {k: v for k, v in body.items() if k != "images"}  # now in the parts that take them
+    if prompt.images:
+        inlined = _inline_all(prompt.images, image_locations(body["messages"]), policy.limits())
+        out["messages"] = replace_images(body["messages"], inlined)
+    return out
 
 
 def check_completion(body: Any, policy: Policy) -> Dict[str, Any]:
