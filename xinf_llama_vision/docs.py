@@ -62,24 +62,34 @@ def families_block() -> str:
 IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
-#: (title, messages, keyword arguments) for every chat shape the prompt-format page shows.
+#: (title, request, launch options) for every chat shape the prompt-format page shows.
 CHAT_EXAMPLES = [
-    ("Image, then text (as Meta recommends)", [{"role": "user", "content": [IMG, {"type": "text", "text": "Describe this image."}]}], {}),
-    ("Text, then image (order kept)", [{"role": "user", "content": [{"type": "text", "text": "Look: "}, IMG]}], {}),
-    ("Text only (the template adds a system block)", [{"role": "user", "content": "Hello!"}], {}),
-    ("System message and text", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}], {}),
-    ("System message and image", [{"role": "system", "content": "You describe images."}, {"role": "user", "content": [IMG, {"type": "text", "text": "What is it?"}]}], {}),
-    ("Multi-turn: image first, text follow-ups", [
+    ("Image, then text (as Meta recommends)", {"messages": [{"role": "user", "content": [IMG, {"type": "text", "text": "Describe this image."}]}]}, {}),
+    ("Text, then image (order kept)", {"messages": [{"role": "user", "content": [{"type": "text", "text": "Look: "}, IMG]}]}, {}),
+    ("`image_url` as a plain string", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "https://example.com/cat.png"}, {"type": "text", "text": "What is it?"}]}]}, {}),
+    ("Hugging Face image part with its URL", {"messages": [{"role": "user", "content": [{"type": "image", "url": "https://example.com/cat.png"}, {"type": "text", "text": "What is it?"}]}]}, {}),
+    ("Hugging Face image part, the image in the request's `images` list", {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}], "images": ["data:image/png;base64,..."]}, {}),
+    ("Text only (the template adds a system block)", {"messages": [{"role": "user", "content": "Hello!"}]}, {}),
+    ("System message and text", {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]}, {}),
+    ("System message and image", {"messages": [{"role": "system", "content": "You describe images."}, {"role": "user", "content": [IMG, {"type": "text", "text": "What is it?"}]}]}, {}),
+    ("Multi-turn: image first, text follow-ups, assistant turn as text parts", {"messages": [
         {"role": "user", "content": [IMG, {"type": "text", "text": "What is it?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
         {"role": "user", "content": "What colour?"},
-    ], {}),
-    ("Tools (text only), in the first user message", [{"role": "user", "content": "Weather in Oslo?"}], {"tools": [TOOL]}),
-    ("A tool call and its result", [
+    ]}, {}),
+    ("Multi-turn: assistant turn as a string", {"messages": [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello. How can I help?"},
+        {"role": "user", "content": "Name a river."},
+    ]}, {}),
+    ("Two images (launched with `--max_images 2`)", {"messages": [{"role": "user", "content": [IMG, {"type": "text", "text": "and"}, IMG, {"type": "text", "text": "What differs?"}]}]}, {"max_images": 2}),
+    ("Tools (text only), in the first user message", {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [TOOL]}, {}),
+    ("Tools in the system block", {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [TOOL], "chat_template_kwargs": {"tools_in_user_message": False}}, {}),
+    ("A tool call and its result", {"messages": [
         {"role": "user", "content": "Weather in Oslo?"},
         {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
         {"role": "tool", "content": "-3 degrees"},
-    ], {"tools": [TOOL]}),
+    ], "tools": [TOOL]}, {}),
 ]
 COMPLETION_EXAMPLES = [
     ("Base model, text", "Once upon a time", []),
@@ -91,9 +101,11 @@ def prompt_examples_block() -> str:
     """One rendered example per shape, rendered by the adapter (whose output the tests compare
     byte for byte with the official template)."""
     out: List[str] = []
-    for title, messages, kwargs in CHAT_EXAMPLES:
-        prompt = build_chat_prompt(messages, date_string=DATE, **kwargs)
-        request = {"messages": messages, **kwargs}
+    for title, request, launch in CHAT_EXAMPLES:
+        prompt = build_chat_prompt(
+            request["messages"], date_string=DATE, max_images=launch.get("max_images"), tools=request.get("tools"),
+            images=request.get("images", ()), **request.get("chat_template_kwargs", {}),
+        )
         out += [f"#### {title}", "", "```json", json.dumps(request, ensure_ascii=False), "```", "",
                 "```text", prompt.text, "```", ""]
     for title, text, images in COMPLETION_EXAMPLES:
