@@ -103,13 +103,15 @@ class RequestGuard:
             return False
         return True
 
-    async def _check_launch(self, raw: bytes) -> None:
-        """A launch of one of our families on an engine that cannot run it here: say why.
+    async def _check_launch(self, raw: bytes) -> Optional[Dict[str, Any]]:
+        """A launch of one of our families: on an engine that cannot run it here, say why; on an
+        engine whose model process needs environment variables (``ENGINE_ENVS``), add them to the
+        launch's ``envs``, which Xinference sets in the model process before anything is imported.
 
         Xinference's own launch error only says "cannot be run on engine vLLM"; the reason our
         engine class gave (shown in the engine listing, merged over the workers) goes with it.
         """
-        from .registration import our_families
+        from .registration import ENGINE_ENVS, our_families
 
         try:
             data = json.loads(raw)
@@ -130,7 +132,11 @@ class RequestGuard:
         for key, value in (engines or {}).items():
             if key.lower() == engine.lower() and isinstance(value, str):
                 raise RequestError(f"Model {name} cannot be run on engine {key}: {value}")
-        return None
+        needed = ENGINE_ENVS.get(engine.lower())
+        if not needed:
+            return None
+        given = data.get("envs") if isinstance(data.get("envs"), dict) else {}
+        return {**data, "envs": {**given, **needed}}
 
     async def _check(self, check, raw: bytes, path: str) -> Tuple[Optional[Dict[str, Any]], Optional[Policy]]:
         """``(checked body, policy)`` for one of our models, ``(None, None)`` to pass the request on as it is.

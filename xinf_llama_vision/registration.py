@@ -31,6 +31,12 @@ ENGINES: Tuple[Tuple[str, str], ...] = (
     ("vLLM", "xinf_llama_vision.engines.vllm:MllamaVLLMGenerateModel"),
 )
 
+#: Environment a model process of an engine needs (lower-case engine name → variables). The API
+#: process adds them to launches of our families (Xinference sets a launch's ``envs`` in the model
+#: process before it imports anything): vLLM picks its V0 or V1 engine classes at import time,
+#: and Mllama runs on V0 only.
+ENGINE_ENVS: Dict[str, Dict[str, str]] = {"vllm": {"VLLM_USE_V1": "0"}}
+
 _lock = threading.RLock()
 _state: Dict[str, Any] = {"registered": False, "builtins": {}, "ours": {}, "refresh": None, "hook": None}
 

@@ -4,6 +4,9 @@ The tests are :mod:`parity`'s, the same the Transformers engine passes. Runs in 
 Xinference 4.1 and this plugin in the same environment, a tiny real checkpoint. Every expected
 answer comes from :mod:`oracle` (the official template + raw transformers ``generate`` on the same
 checkpoint, float32, greedy), never from the code under test.
+
+Launched with ``--disable-virtual-env``: Xinference's virtualenv mode would install the CUDA vLLM
+0.10.2 that the specs pin (no CUDA here); the stage's own virtualenv holds the vLLM to test.
 """
 
 from __future__ import annotations
@@ -52,3 +55,21 @@ def chat_uid(server, tiny_checkpoint):
 def base_uid(server, tiny_checkpoint, chat_uid):
     server.cli("terminate", "--model-uid", chat_uid)  # one engine at a time on a small CI machine
     return launch(server, "llama-3.2-vision", "vllm-base", tiny_checkpoint)
+
+
+def test_vllm_runs_its_v0_engine_with_our_defaults(server, chat_uid):
+    """What vLLM was handed and what it built, from the logs of the launch (Xinference's line with the
+    engine arguments, then vLLM's own). The stage exports VLLM_USE_V1=1: the plugin must still get V0."""
+    import ast
+    import os
+
+    assert os.environ.get("VLLM_USE_V1") == "1"
+    log = server.log.read_text(errors="replace")
+    marker = f"Loading {chat_uid} with following model config: "
+    start = log.index(marker) + len(marker)
+    config = ast.literal_eval(log[start:log.index("Enable lora", start)])
+    assert {k: config.get(k) for k in ("enforce_eager", "max_num_seqs", "max_model_len", "limit_mm_per_prompt")} == \
+        {"enforce_eager": True, "max_num_seqs": 16, "max_model_len": 4096, "limit_mm_per_prompt": {"image": 1}}
+    engine_line = next(line for line in log[start:].splitlines() if "LLM engine (v" in line)
+    assert "Initializing a V0 LLM engine" in engine_line, engine_line
+    assert "max_seq_len=4096," in engine_line and "enforce_eager=True," in engine_line, engine_line

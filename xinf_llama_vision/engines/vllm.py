@@ -34,7 +34,7 @@ from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 
 from ..images import KNOBS, load_images
 from ..messages import Prompt
-from ..registration import our_families, serves
+from ..registration import ENGINE_ENVS, our_families, serves
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS
 from ..validation import chat_prompt, completion_prompt, launch_policy, request_sampling
 from .common import checkpoint_max_positions, context_length, launched, output_room
@@ -260,11 +260,16 @@ class _MllamaVLLM:
         self._stop_ids = [self._hf_tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
 
     def load(self):
-        # Mllama runs on vLLM's V0 engine only (vLLM >= 0.8 defaults to V1 where it can).
-        if os.environ.get("VLLM_USE_V1", "0") != "0":
-            logger.warning("VLLM_USE_V1=%s: Llama 3.2 Vision needs vLLM's V0 engine; using V0",
-                           os.environ["VLLM_USE_V1"])
-        os.environ["VLLM_USE_V1"] = "0"
+        # Mllama runs on vLLM's V0 engine only (vLLM >= 0.8 defaults to V1 where it can). Unset, the
+        # variable can still be set here; set to 1, vLLM already chose its V1 classes at import.
+        flag = os.environ.get("VLLM_USE_V1")
+        if flag not in (None, "0"):
+            raise RuntimeError(
+                f"VLLM_USE_V1={flag} in this model process, but Llama 3.2 Vision runs on vLLM's V0 engine only; "
+                "launch through Xinference's REST API or CLI (the plugin then sets VLLM_USE_V1=0 for the model), "
+                "add --env VLLM_USE_V1 0 to the launch, or unset VLLM_USE_V1"
+            )
+        os.environ.update(ENGINE_ENVS["vllm"])
         self.prepare_requests()
         super().load()
 
@@ -282,11 +287,11 @@ class _MllamaVLLM:
         """
         preprocessor = getattr(getattr(self._engine, "engine", None), "input_preprocessor", None)
         original = getattr(preprocessor, "_prepare_decoder_input_ids_for_generation", None)
-        if original is None:
-            if self._engine is not None:
-                logger.warning("vLLM %s: no V0 input preprocessor found; prompts opening with an image "
-                               "may get a second <|begin_of_text|>", type(self._engine).__name__)
-            return
+        if original is None:  # every V0 engine from 0.6.3 to 0.10.2 has it: refuse rather than serve wrong ids
+            raise RuntimeError(
+                f"vLLM engine {type(self._engine).__name__} has no V0 input preprocessor to keep prompts as "
+                f"given (prompts opening with an image would get a second <|begin_of_text|>); {REQUIREMENT}"
+            )
 
         def keep(decoder_input_ids):
             return list(decoder_input_ids) if decoder_input_ids else original(decoder_input_ids)
