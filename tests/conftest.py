@@ -26,8 +26,10 @@ def free_port() -> int:
 
 def base_env(home: Path) -> dict:
     env = dict(os.environ)
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
     env.update(
         XINFERENCE_HOME=str(home),
+        TMPDIR=str(home / "tmp"),  # the server's own temporary directory, which tests can watch
         XINFERENCE_AUTH_ADVANCED="false",
         XINFERENCE_EXTENSIONS=EXTENSION,
         XINFERENCE_DISABLE_METRICS="1",
@@ -45,6 +47,8 @@ class Server:
         self.endpoint = endpoint
         self.env = env
         self.log = log
+        self.home = env["XINFERENCE_HOME"]
+        self.tmpdir = env["TMPDIR"]
         self.proc = subprocess.Popen(
             args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
         )

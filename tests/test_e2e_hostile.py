@@ -54,6 +54,12 @@ class ImageServer:
             def do_GET(self):
                 server.requests.append(self.path)
                 path = self.path.split("?")[0]
+                if path == "/redirect":  # to wherever ?to= says
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("?to=", 1)[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path == "/slow.png":  # headers, then a byte every 0.2 s: never finishes before the deadline
                     self.send_response(200)
                     self.send_header("Content-Type", "image/png")
@@ -185,6 +191,9 @@ HOSTILE = {
     "too many bytes": ("{srv}/big.png", ["{srv}/big.png", "65536-byte limit", "image_max_bytes"]),
     "too many pixels": ("{srv}/wide.png", ["2000x1000 = 2000000 pixels", "1000000-pixel limit", "image_max_pixels"]),
     "slow server": ("{srv}/slow.png", ["{srv}/slow.png", "1.5-second total limit", "image_deadline"]),
+    "redirect to a private address": ("{srv}/redirect?to=http://10.1.2.3/cat.png",
+                                      ["{srv}/redirect?to=http://10.1.2.3/cat.png (redirected to http://10.1.2.3/cat.png)",
+                                       "private address 10.1.2.3"]),
     "bad base64": ("data:image/png;base64,iVBORw0K@@@@", ["data:image/png;base64,", "invalid base64"]),
     "huge data URI": ("data:image/png;base64," + "A" * 200_000, ["65536-byte limit", "image_max_bytes"]),
 }
@@ -229,6 +238,76 @@ def test_model_keeps_serving_the_same_answer_after_hostile_requests(server, imag
         == expected_chat(reference, RED)
     assert after[1][1]["choices"][0]["text"] == before[1][1]["choices"][0]["text"] == expected_completion(reference, RED)
     assert model_processes(server) == processes  # nothing crashed or restarted
+
+
+def files_under(root) -> set:
+    return {os.path.join(d, f) for d, _, names in os.walk(root) for f in names}
+
+
+def test_hostile_requests_leave_no_files_behind(server, images_server, allow_chat, allow_base):
+    """Nothing is written for an image, on any path: the server's temporary directory (and the rest
+    of its home) gains no file over a round of good and hostile image requests."""
+    roots = [server.tmpdir, server.home]
+    before = [files_under(root) for root in roots]
+    for source, _ in (*HOSTILE.values(), (data_uri(RED), None), ("{srv}/red.png", None)):
+        source = source.replace("{srv}", images_server.base)
+        for stream in (False, True):
+            server.post("/v1/chat/completions", chat_body(allow_chat, source, stream=stream))
+            server.post("/v1/completions", completion_body(allow_base, source, stream=stream))
+    after = [files_under(root) for root in roots]
+    new = [sorted(f for f in a - b if not f.endswith(".log")) for a, b in zip(after, before)]
+    assert new == [[], []], new
+
+
+# -- local files, where the operator allows a directory ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local-images")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    (allowed / "red.png").write_bytes(RED_PNG)
+    (root / "secret.png").write_bytes(RED_PNG)  # outside the allowed directory
+    (allowed / "link.png").symlink_to(root / "secret.png")
+    return allowed
+
+
+@pytest.fixture(scope="module")
+def local_chat(launched, local_dir):
+    return launched("llama-3.2-vision-instruct", "--disable-virtual-env", "--image_local_dir", str(local_dir))
+
+
+def test_local_files_only_inside_the_allowed_directory(server, reference, chat_uid, local_chat, local_dir):
+    red = f"file://{local_dir}/red.png"
+    status, answer = server.post("/v1/chat/completions", chat_body(local_chat, red))
+    assert status == 200, answer
+    assert answer["choices"][0]["message"]["content"] == expected_chat(reference, RED)
+    status, answer = server.post("/v1/chat/completions", chat_body(local_chat, "red.png"))  # relative to the directory
+    assert status == 200 and answer["choices"][0]["message"]["content"] == expected_chat(reference, RED), answer
+
+    refused = {
+        f"file://{local_dir}/../secret.png": "outside the allowed local image directory (image_local_dir)",
+        f"{local_dir}/link.png": "outside the allowed local image directory (image_local_dir)",
+        f"file://{local_dir}/missing.png": "no such file in the local image directory",
+    }
+    for source, fragment in refused.items():
+        status, answer = server.post("/v1/chat/completions", chat_body(local_chat, source))
+        assert status == 400, (source, answer)
+        assert answer["error"]["message"].startswith("messages[0].content[0]: ") and fragment in answer["error"]["message"], answer
+    status, answer = server.post("/v1/chat/completions", chat_body(chat_uid, red))  # a launch without the option
+    assert status == 400 and "local files are not served" in answer["error"]["message"], answer
+
+
+def test_a_body_over_the_read_limit_is_a_413(server, allow_chat):
+    from xinf_llama_vision.api import MAX_BODY_BYTES
+
+    payload = "data:image/png;base64," + "A" * (MAX_BODY_BYTES + 4 * 2**20)
+    response = httpx.post(server.endpoint + "/v1/chat/completions", json=chat_body(allow_chat, payload), timeout=120)
+    assert response.status_code == 413, response.text[:500]
+    assert response.json()["error"]["message"].startswith("request body: more than 64 MiB")
+    status, answer = server.post("/v1/chat/completions", chat_body(allow_chat, data_uri(RED)))
+    assert status == 200, answer
 
 
 # -- many requests at once -------------------------------------------------------------------

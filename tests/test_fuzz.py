@@ -102,6 +102,7 @@ def test_adapter_check_chat(no_network, pytestconfig):
     check()
     report(pytestconfig, "fuzz adapter check_chat", counts)
     assert counts["ok"] and counts["RequestError"]
+    assert sum(counts.values()) >= ADAPTER_EXAMPLES
 
 
 def test_adapter_check_completion(no_network, pytestconfig):
@@ -115,6 +116,7 @@ def test_adapter_check_completion(no_network, pytestconfig):
     check()
     report(pytestconfig, "fuzz adapter check_completion", counts)
     assert counts["ok"] and counts["RequestError"]
+    assert sum(counts.values()) >= ADAPTER_EXAMPLES
 
 
 def test_adapter_build_chat_prompt(pytestconfig):
@@ -130,6 +132,7 @@ def test_adapter_build_chat_prompt(pytestconfig):
     check()
     report(pytestconfig, "fuzz adapter build_chat_prompt", counts)
     assert counts["ok"] and counts["RequestError"]
+    assert sum(counts.values()) >= ADAPTER_EXAMPLES
 
 
 # -- the running server ----------------------------------------------------------------------
@@ -193,6 +196,7 @@ def test_server_fuzz(server, chat_uid, base_uid, path, pytestconfig):
     report(pytestconfig, f"fuzz server {path}", counts)
     after_status, after = server.post(path, probe)
     assert not bad, bad
+    assert sum(counts.values()) >= SERVER_EXAMPLES
     assert before_status == after_status == 200
     assert after["choices"] == before["choices"]  # the same answer as before the fuzz
     assert _processes(server) == processes  # no process crashed or was restarted

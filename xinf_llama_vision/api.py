@@ -28,7 +28,8 @@ logger = logging.getLogger("xinf_llama_vision")
 
 #: Xinference's launch route (``xinference launch`` posts here).
 LAUNCH_PATH = "/v1/models"
-#: Bodies larger than this are left to Xinference (and its own limits) unread.
+#: Chat and completion bodies larger than this are refused (413); other large bodies are left to
+#: Xinference unread.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
@@ -66,7 +67,11 @@ class RequestGuard:
             size += len(chunks[-1])
             more = message.get("more_body", False) and size <= MAX_BODY_BYTES
         body = b"".join(chunks)
-        if message.get("more_body", False):  # too large to check here: hand over as it streams in
+        if message.get("more_body", False):  # too large to check here
+            if path in CHECKS:  # unchecked, its images would reach the model and a refusal there is a 500
+                return await _respond(send, 413, error_body(
+                    f"request body: more than {MAX_BODY_BYTES // 2**20} MiB, the most this server reads; send "
+                    "images as http(s) URLs or smaller images, and less text", 413))
             return await self.app(scope, _replay(body, receive, more=True), send)
         policy = None
         try:
