@@ -16,8 +16,10 @@ import psutil
 import pytest
 
 from conftest import BIN, Server, base_env, free_port
+from oracle import data_uri, png
 
 MAX = 24
+RED = png((200, 30, 30))
 MESSAGES = [{"role": "user", "content": "Name three rivers."}]
 
 
@@ -133,6 +135,17 @@ def test_two_replicas_on_two_workers_and_failover(cluster, tiny_checkpoint, refe
           f"during 8 requests {[round(x, 2) for x in busy]}")
     for i, b in zip(idle, busy):
         assert b > max(3 * i, 0.05), (idle, busy)  # both replicas did work
+
+    # The supervisor's API process checks and inlines images for the replicas as it does on one node.
+    image_messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(RED)}},
+                                                   {"type": "text", "text": "What is this?"}]}]
+    image_expected = reference.generate(reference.render(image_messages), [RED], MAX)[0]
+    for _ in range(2):  # round robin: both replicas
+        status, answer = supervisor.post("/v1/chat/completions", {**body, "messages": image_messages}, timeout=120)
+        assert status == 200 and answer["choices"][0]["message"]["content"] == image_expected, answer
+    hostile = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://10.1.2.3/a.png"}}]}]
+    status, answer = supervisor.post("/v1/chat/completions", {**body, "messages": hostile}, timeout=60)
+    assert status == 400 and "private address 10.1.2.3" in answer["error"]["message"], answer
 
     # Kill one worker (its process group: the worker and its model process).
     lost_address, (lost, lost_model) = next(iter(by_worker.items()))

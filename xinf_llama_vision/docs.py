@@ -49,14 +49,37 @@ def families_block() -> str:
             )
         out += ["", "```bash"]
         for spec in family.specs:
-            size = spec.model_size_in_billions
-            common = f"--model-name {family.model_name} --size-in-billions {size} --model-format {spec.model_format}"
-            out.append(f"xinference launch --model-engine transformers {common}")
-            if getattr(spec, "vllm", None) is not None:
-                gpus = f" --n-gpu {spec.vllm.tensor_parallel_size}" if spec.vllm.tensor_parallel_size else ""
-                out.append(f"xinference launch --model-engine vllm {common}{gpus}")
+            out.append(f"xinference launch --model-engine transformers {_common(family, spec)}")
+            if spec.vllm is not None:
+                out.append(vllm_command(family, spec))
         out += ["```", ""]
+        if any(spec.vllm is not None for spec in family.specs):
+            out += ["The vLLM options written out are the defaults that apply when they are left off "
+                    "([vllm.md](vllm.md) says why).", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _common(family, spec) -> str:
+    return f"--model-name {family.model_name} --size-in-billions {spec.model_size_in_billions} --model-format {spec.model_format}"
+
+
+def vllm_command(family, spec) -> str:
+    """The vLLM launch command for one family and size, with our defaults written out."""
+    defaults = spec.vllm.model_dump(exclude_none=True)
+    gpus = f" --n-gpu {defaults['tensor_parallel_size']}" if defaults.get("tensor_parallel_size") else ""
+    options = " ".join(f"--{name} {str(value).lower() if isinstance(value, bool) else value}"
+                       for name, value in defaults.items())
+    return f"xinference launch --model-engine vllm {_common(family, spec)}{gpus} \\\n  {options}"
+
+
+def vllm_block() -> str:
+    """The vLLM launch commands of every family and size, defaults written out (``vllm:`` in the specs)."""
+    out = ["```bash"]
+    for family in load_families():
+        for spec in family.specs:
+            if spec.vllm is not None:
+                out.append(vllm_command(family, spec))
+    return "\n".join(out + ["```"]) + "\n"
 
 
 IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}
@@ -119,6 +142,7 @@ def prompt_examples_block() -> str:
 BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "families.md": {"families": families_block},
     "prompt-format.md": {"examples": prompt_examples_block},
+    "vllm.md": {"vllm-launch": vllm_block},
 }
 
 
