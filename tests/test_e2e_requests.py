@@ -165,6 +165,11 @@ REFUSALS = {
                       {"role": "tool", "content": "x"}], "tools": [WEATHER]},
         "messages[1].tool_calls: Llama 3.2 Vision makes one tool call at a time",
     ),
+    "<|image|> typed into the text": (
+        {"messages": [{"role": "user", "content": "What is <|image|>?"}]},
+        "messages[0].content: contains <|image|>, the token that stands for an image, but images are not sent "
+        "as text",
+    ),
     "a lone surrogate in the text": (
         {"messages": [{"role": "user", "content": [text("What is \udfff?")]}]},
         "messages[0].content[0].text: contains a lone surrogate (U+DFFF), which is not valid Unicode",

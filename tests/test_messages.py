@@ -194,6 +194,18 @@ REFUSED = {
         "messages[1].tool_calls[0].function.arguments: not valid JSON",
     ),
     "only a system message": ([{"role": "system", "content": "x"}], "at least one user message"),
+    "<|image|> typed in text": (
+        [{"role": "user", "content": [IMG, {"type": "text", "text": "and <|image|>"}]}],
+        "messages[0].content[1].text: contains <|image|>, the token that stands for an image, but images are not "
+        "sent as text",
+    ),
+    "<|image|> in a string content": ([{"role": "system", "content": "<|image|>"}, {"role": "user", "content": "hi"}],
+                                      "messages[0].content: contains <|image|>"),
+    "<|image|> in a tool result": (
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+         {"role": "tool", "content": {"x": "<|image|>"}}],
+        "request: contains <|image|>",
+    ),
 }
 
 

@@ -135,6 +135,8 @@ def content_parts(content: Any, where: str) -> List[Dict[str, Any]]:
     xinf_llama_vision.messages.RequestError: messages[0].content[0]: unsupported content part type 'input_audio'; Llama 3.2 Vision takes 'text' and 'image_url' parts
     """
     if isinstance(content, str):
+        if IMAGE in content:
+            raise RequestError(_typed_image_token(f"{where}.content"))
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise RequestError(f"{where}.content: expected a string or a list of parts, got {type(content).__name__}")
@@ -148,6 +150,8 @@ def content_parts(content: Any, where: str) -> List[Dict[str, Any]]:
             text = part.get("text")
             if not isinstance(text, str):
                 raise RequestError(f"{at}: text part needs a string 'text'")
+            if IMAGE in text:
+                raise RequestError(_typed_image_token(f"{at}.text"))
             parts.append({"type": "text", "text": text})
         elif kind in ("image_url", "image"):
             parts.append({"type": "image", "url": image_source(part, at)})
@@ -156,6 +160,13 @@ def content_parts(content: Any, where: str) -> List[Dict[str, Any]]:
                 f"{at}: unsupported content part type {kind!r}; Llama 3.2 Vision takes 'text' and 'image_url' parts"
             )
     return parts
+
+
+def _typed_image_token(where: str) -> str:
+    return (
+        f"{where}: contains {IMAGE}, the token that stands for an image, but images are not sent as text; "
+        'send each image as an {"type": "image_url", "image_url": {"url": ...}} part where it goes'
+    )
 
 
 def text_only(parts: List[Dict[str, Any]], where: str, role: str) -> str:
@@ -362,7 +373,10 @@ def build_chat_prompt(
         out.append(header(role) + body + EOT)
     if add_generation_prompt:
         out.append(header("assistant"))
-    return Prompt("".join(out), tuple(images))
+    text = "".join(out)
+    if text.count(IMAGE) != len(images):  # typed into a tool result, a tool definition, the date, ...
+        raise RequestError(_typed_image_token("request"))
+    return Prompt(text, tuple(images))
 
 
 def _separate_image(separate: List[str], where: str) -> str:
