@@ -1,9 +1,10 @@
 """The Transformers engine: ``MllamaForConditionalGeneration`` + ``AutoProcessor``.
 
-The classes fill in the hooks of Xinference's ``PytorchModel`` (``_load_model``,
+The classes fill in the hooks of Xinference's ``PytorchModel`` (``load``, ``_load_model``,
 ``match_json``, ``chat``/``generate``); device selection (CUDA, MPS, CPU; ``device_map="auto"``
-across GPUs), dtype (bf16 on CUDA, float32 on CPU, ``--torch_dtype`` to override) and
-quantization stay Xinference's own.
+across GPUs) and quantization stay Xinference's own. The dtype is Xinference's choice too
+(float32 on CPU, float16 on MPS), except on CUDA, where Meta's bf16 replaces Xinference's float16;
+``--torch_dtype`` overrides it everywhere.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ from .common import context_length, launched, output_room
 
 #: How many tokens generation may run ahead of the reader of a streamed answer.
 STREAM_AHEAD = 16
+
+
+def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
+    """The ``torch_dtype`` a launch loads with: the launch option, else bf16 on CUDA (the dtype Meta
+    released the weights in; Xinference's CUDA default is float16), else Xinference's default (``None``).
+
+    >>> default_dtype(None, "cuda"), default_dtype("float16", "cuda"), default_dtype(None, "cpu")
+    ('bfloat16', 'float16', None)
+    """
+    if launch_value is not None:
+        return launch_value
+    return "bfloat16" if device == "cuda" else None
 
 
 class _Mllama:
@@ -63,12 +76,23 @@ class _Mllama:
     def _should_use_batching(self) -> bool:
         return False
 
+    def load(self):
+        from xinference.device_utils import select_device
+
+        config = self._pytorch_model_config
+        dtype = default_dtype(config.get("torch_dtype"), select_device(config.get("device", "auto")))
+        if dtype is not None:
+            config["torch_dtype"] = dtype
+        super().load()
+
     def _load_model(self, **kwargs):
+        import transformers
+        from packaging.version import Version
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
         kwargs.pop("trust_remote_code", None)  # Mllama is built into transformers
-        if "torch_dtype" in kwargs:
-            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        if "torch_dtype" in kwargs and Version(transformers.__version__) >= Version("4.56"):
+            kwargs["dtype"] = kwargs.pop("torch_dtype")  # the name since 4.56 (torch_dtype deprecated)
         self._processor = AutoProcessor.from_pretrained(self.model_path, revision=kwargs.get("revision"))
         model = MllamaForConditionalGeneration.from_pretrained(self.model_path, low_cpu_mem_usage=True, **kwargs)
         tokenizer = self._processor.tokenizer

@@ -1,0 +1,28 @@
+"""The Transformers engine on transformers 4.x: the same parity tests as on 5.x.
+
+The package declares ``transformers>=4.45``; the main run has 5.x, and this stage's environment
+(set up for vLLM) has 4.53, so the Transformers engine's own code paths for 4.x (``torch_dtype``
+rather than ``dtype``, ``rope_theta`` configs) run here, against raw transformers 4.53.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from parity import *  # noqa: F401,F403 - the shared parity tests, collected here
+
+
+def test_this_environment_has_transformers_4():
+    import transformers
+
+    assert transformers.__version__.startswith("4."), transformers.__version__
+
+
+@pytest.fixture(scope="module")
+def chat_uid(launched):
+    return launched("llama-3.2-vision-instruct", "--disable-virtual-env")
+
+
+@pytest.fixture(scope="module")
+def base_uid(launched):
+    return launched("llama-3.2-vision", "--disable-virtual-env")
