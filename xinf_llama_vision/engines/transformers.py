@@ -77,7 +77,7 @@ class _Mllama:
         return False
 
     def load(self):
-        from xinference.device_utils import select_device
+        from xinference.model.utils import select_device
 
         config = self._pytorch_model_config
         dtype = default_dtype(config.get("torch_dtype"), select_device(config.get("device", "auto")))
