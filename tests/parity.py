@@ -70,8 +70,9 @@ def test_images_change_the_answer(server, chat_uid):
     assert red != blue
 
 
-def test_streaming_equals_non_streaming(server, chat_uid):
-    messages = image_message(RED)
+@pytest.mark.parametrize("shape", CONVERSATIONS)
+def test_streaming_equals_non_streaming(server, chat_uid, shape):
+    messages = CONVERSATIONS[shape][0]
     whole = ask(server, chat_uid, messages)
     chunks = list(ask(server, chat_uid, messages, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
