@@ -296,12 +296,13 @@ def tool_caller(server, tiny_checkpoint, tmp_path_factory):
     messages, _, extra = SHAPES["tools"]
     prompt = Reference(tiny_checkpoint).render(messages, **TOOL_DATE, **extra)
     path = teach(tiny_checkpoint, str(tmp_path_factory.mktemp("tool-caller")), prompt, TOOL_ANSWER + "<|eot_id|>")
-    reference = Reference(path)
-    assert reference.generate(prompt, [], 40)[0] == TOOL_ANSWER  # raw transformers says it
-    return server.launch("llama-3.2-vision-instruct", "tool-caller", path, "--disable-virtual-env")
+    text, prompt_tokens, n = Reference(path).generate(prompt, [], 40)
+    assert text == TOOL_ANSWER  # raw transformers says it, then <|eot_id|> ends it
+    return server.launch("llama-3.2-vision-instruct", "tool-caller", path, "--disable-virtual-env"), prompt_tokens, n
 
 
 def test_a_tool_call_answer_comes_back_as_openai_tool_calls(server, tool_caller):
+    tool_caller, prompt_tokens, n = tool_caller
     messages, _, extra = SHAPES["tools"]
     response = server.openai().chat.completions.create(
         model=tool_caller, messages=messages, max_tokens=40, temperature=0, extra_body={"chat_template_kwargs": TOOL_DATE},
@@ -312,6 +313,8 @@ def test_a_tool_call_answer_comes_back_as_openai_tool_calls(server, tool_caller)
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == json.loads(TOOL_ANSWER)["parameters"]
+    # the family's stop token <|eot_id|> ended the answer, as in raw transformers (counted there too)
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, n)
     # The same model without tools answers in text: the tool call came from the tools prompt.
     status, body = chat(server, tool_caller, messages, chat_template_kwargs=TOOL_DATE)
     assert status == 200 and body["choices"][0]["finish_reason"] != "tool_calls", body
