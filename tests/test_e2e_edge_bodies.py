@@ -1,4 +1,10 @@
-import httpx, pytest
+"""Edge-case request bodies over raw HTTP (bytes a client library would never send): any answer
+but a 5xx. Real ``xinference-local``; the clearer per-case messages are pinned in test_e2e_requests."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
 
 CASES = {
  "invalid utf8": b'{"model": "%s", "prompt": "\xff\xfe", "max_tokens": 2}',
@@ -30,7 +36,7 @@ CASES = {
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("case", CASES)
-def test_probe(server, base_uid, chat_uid, case, path):
+def test_edge_body_is_never_a_server_error(server, base_uid, chat_uid, case, path):
     uid = base_uid if path == "/v1/completions" else chat_uid
     raw = CASES[case]
     if b"%s" in raw:
@@ -38,5 +44,4 @@ def test_probe(server, base_uid, chat_uid, case, path):
     if path == "/v1/chat/completions":
         raw = raw.replace(b'"prompt": "Hi"', b'"messages": [{"role": "user", "content": "Hi"}]')
     r = httpx.post(server.endpoint + path, content=raw, headers={"content-type": "application/json"}, timeout=120)
-    print("\nPROBE", path, case, r.status_code, r.text[:300])
-    assert r.status_code < 500
+    assert r.status_code < 500, r.text[:300]
