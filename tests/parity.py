@@ -160,6 +160,15 @@ def test_base_completion_with_image(server, base_uid, reference):
     )
     assert reply.choices[0].text == expected
     assert reply.usage.prompt_tokens == prompt_tokens
+    chunks = list(client.completions.create(
+        model=base_uid, prompt=prompt, max_tokens=MAX, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"images": [data_uri(RED)]},
+    ))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [reply.choices[0].finish_reason]
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == \
+        (prompt_tokens, reply.usage.completion_tokens)
     other = client.completions.create(
         model=base_uid, prompt=prompt, max_tokens=MAX, temperature=0, extra_body={"images": [data_uri(BLUE)]}
     )
