@@ -289,12 +289,12 @@ TOOL_ANSWER = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
 
 
 @pytest.fixture(scope="module")
-def tool_caller(server, tiny_checkpoint, tmp_path_factory):
+def tool_caller(server, tiny_checkpoint, reference, tmp_path_factory):
     """The tiny checkpoint taught (raw transformers) to answer the "tools" shape with a tool call, launched."""
     from oracle import Reference, teach
 
     messages, _, extra = SHAPES["tools"]
-    prompt = Reference(tiny_checkpoint).render(messages, **TOOL_DATE, **extra)
+    prompt = reference.render(messages, **TOOL_DATE, **extra)
     path = teach(tiny_checkpoint, str(tmp_path_factory.mktemp("tool-caller")), prompt, TOOL_ANSWER + "<|eot_id|>")
     text, prompt_tokens, n = Reference(path).generate(prompt, [], 40)
     assert text == TOOL_ANSWER  # raw transformers says it, then <|eot_id|> ends it

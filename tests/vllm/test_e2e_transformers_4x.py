@@ -7,10 +7,9 @@ rather than ``dtype``, ``rope_theta`` configs) run here, against raw transformer
 
 from __future__ import annotations
 
-import pytest
-
 # A subset of the shared parity tests (the full set runs on 5.x in the main run): loading, chat with
-# and without images, streaming, and the base model's image completion.
+# and without images, streaming, and the base model's image completion. ``chat_uid`` and ``base_uid``
+# are conftest's: both families launched on the Transformers engine.
 from parity import (  # noqa: F401 - collected here
     test_base_completion_with_image,
     test_chat_matches_raw_transformers,
@@ -23,12 +22,3 @@ def test_this_environment_has_transformers_4():
 
     assert transformers.__version__.startswith("4."), transformers.__version__
 
-
-@pytest.fixture(scope="module")
-def chat_uid(launched):
-    return launched("llama-3.2-vision-instruct", "--disable-virtual-env")
-
-
-@pytest.fixture(scope="module")
-def base_uid(launched):
-    return launched("llama-3.2-vision", "--disable-virtual-env")
