@@ -1,32 +1,31 @@
 """The Transformers engine: ``MllamaForConditionalGeneration`` + ``AutoProcessor``.
 
 The classes fill in the hooks of Xinference's ``PytorchModel`` (``load``, ``_load_model``,
-``match_json``, ``chat``/``generate``); device selection (CUDA, MPS, CPU; ``device_map="auto"``
-across GPUs) and quantization stay Xinference's own. The dtype is Xinference's choice too
+``match_json``, ``chat``/``generate``, ``stop``); device selection (CUDA, MPS, CPU;
+``device_map="auto"`` across GPUs) and quantization stay Xinference's own. Requests are served by
+:mod:`.scheduler` (continuous batching, ``--max_num_seqs``, Xinference's default 16): ``chat`` and
+``generate`` are coroutines that return a dict or an async generator, so Xinference runs them
+without its per-model lock and no request ever parks one of its threads. The dtype is Xinference's choice too
 (float32 on CPU, float16 on MPS), except on CUDA, where Meta's bf16 replaces Xinference's float16;
 ``--torch_dtype`` overrides it everywhere.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import asyncio
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional
 
 from xinference.model.llm.transformers.core import PytorchChatModel, PytorchModel
 from xinference.model.llm.utils import generate_completion, generate_completion_chunk
 
-from ..generation import Detokenizer, Sampling, StopText
-from ..images import load_images
-from ..messages import Prompt
-from ..registration import serves
-from ..validation import chat_prompt, completion_prompt, launch_policy, request_sampling
-from .common import context_length, launched, output_room
-
-
-#: How many tokens generation may run ahead of the reader of a streamed answer.
-STREAM_AHEAD = 16
+from ...generation import Detokenizer, Sampling, StopText
+from ...images import load_images
+from ...messages import Prompt
+from ...registration import serves
+from ...validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling
+from ..common import context_length, launched, output_room
+from .scheduler import Scheduler, Sequence, sampler
 
 
 def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
@@ -42,11 +41,11 @@ def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
 
 
 class _Mllama:
-    """What both families share: loading, inputs, and the token loop."""
+    """What both families share: loading, inputs, and handing requests to the scheduler."""
 
     kind = ""
-    #: Xinference's model actor then runs one request at a time for this model.
-    allow_batch = False
+    #: No actor lock: the scheduler serves concurrent requests (``PytorchModel`` says so too).
+    allow_batch = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -54,7 +53,9 @@ class _Mllama:
         config = self._pytorch_model_config
         context = context_length("context_length", config.get("context_length"), self.model_path, self.model_family)
         self._policy = launch_policy(self.kind, config, context)
+        self._max_num_seqs = launch_int("max_num_seqs", config.get("max_num_seqs"))
         self.model_family = launched(self.model_family, self._policy)
+        self._scheduler: Optional[Scheduler] = None
 
     @classmethod
     def check_lib(cls):
@@ -74,7 +75,13 @@ class _Mllama:
         return True
 
     def _should_use_batching(self) -> bool:
-        return False
+        return False  # Xinference's BatchScheduler: see .batch for why Mllama has its own
+
+    def stop(self):
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+        super().stop()
 
     def load(self):
         from xinference.model.utils import select_device
@@ -84,6 +91,7 @@ class _Mllama:
         if dtype is not None:
             config["torch_dtype"] = dtype
         super().load()
+        self._scheduler = Scheduler(self._model, self._max_num_seqs)
 
     def _load_model(self, **kwargs):
         import transformers
@@ -101,6 +109,7 @@ class _Mllama:
 
     # -- one request ------------------------------------------------------------------
     def _inputs(self, prompt: Prompt):
+        """Load the images and run the processor (in a worker thread: image decoding is slow)."""
         images = load_images(prompt.images, self._policy.limits())
         inputs = self._processor(
             images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
@@ -124,109 +133,58 @@ class _Mllama:
                 kwargs["top_k"] = sampling.top_k
         return kwargs
 
-    def _tokens(self, inputs, kwargs) -> Iterator[Tuple[str, int, Optional[str]]]:
-        """Run ``generate`` in a thread; yield ``(new_text, tokens_so_far, finish_reason)``."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
+    async def _events(self, prompt: Prompt, config: Dict[str, Any]):
+        """Validate, load images, submit to the scheduler: ``(sampling, prompt_tokens, text events)``,
+        the events being ``(new_text, tokens_so_far, finish_reason)``."""
+        sampling = request_sampling(config, self._policy)
+        inputs = await asyncio.to_thread(self._inputs, prompt)
+        prompt_ids = inputs["input_ids"]
+        kwargs = self._generate_kwargs(sampling, int(prompt_ids.shape[1]))
+        processors, do_sample = sampler(self._model, kwargs, prompt_ids)
+        seq = Sequence(
+            inputs=inputs, max_new_tokens=kwargs["max_new_tokens"], stop_ids=set(kwargs["eos_token_id"]),
+            processors=processors, do_sample=do_sample, loop=asyncio.get_running_loop(),
+            ids=prompt_ids[0].tolist(),
+        )
+        self._scheduler.submit(seq)
+        return sampling, int(prompt_ids.shape[1]), self._text(seq, sampling)
 
-        # Bounded: generation runs at most STREAM_AHEAD tokens ahead of the reader. A client that
-        # hangs up stops reading long before Xinference closes this generator (its abort blocks
-        # first), so an abandoned answer stops costing compute after a few tokens.
-        out: "queue.Queue[Any]" = queue.Queue(maxsize=STREAM_AHEAD)
-        cancel = threading.Event()
-
-        def hand_over(item) -> None:
-            while not cancel.is_set():
-                try:
-                    return out.put(item, timeout=0.1)
-                except queue.Full:
-                    continue
-
-        class Streamer(BaseStreamer):
-            prompt_seen = False
-
-            def put(self, value):
-                if self.prompt_seen:
-                    hand_over(value.reshape(-1).tolist())
-                self.prompt_seen = True
-
-            def end(self):
-                hand_over(None)
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                import torch
-
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
-
-        def run():
-            try:
-                self._model.generate(
-                    **inputs, **kwargs, streamer=Streamer(), stopping_criteria=StoppingCriteriaList([Cancelled()])
-                )
-            except BaseException as e:  # handed to the consumer, which raises it
-                hand_over(e)
-
-        worker = threading.Thread(target=run, name="mllama-generate", daemon=True)
-        worker.start()
-        stops = set(kwargs["eos_token_id"])
+    async def _text(self, seq: Sequence, sampling: Sampling):
         detok = Detokenizer(
             lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         )
-        n = 0
-        try:
-            while True:
-                item = out.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                for token in item:
-                    n += 1
-                    if token in stops:
-                        yield detok.flush(), n, "stop"
-                        return
-                    yield detok.add(token), n, None
-            yield detok.flush(), n, "length" if n >= kwargs["max_new_tokens"] else "stop"
-        finally:
-            cancel.set()
-            worker.join()
-
-    def _completion_chunks(self, prompt: Prompt, config: Dict[str, Any]) -> Tuple[Sampling, int, Iterator]:
-        """Validate, load images, and return ``(sampling, prompt_tokens, text events)``."""
-        sampling = request_sampling(config, self._policy)
-        inputs = self._inputs(prompt)
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        kwargs = self._generate_kwargs(sampling, prompt_tokens)
-        return sampling, prompt_tokens, self._with_stop_strings(self._tokens(inputs, kwargs), sampling)
-
-    @staticmethod
-    def _with_stop_strings(events, sampling: Sampling):
         stop = StopText(list(sampling.stop))
-        for text, n, finish in events:
-            text = stop.feed(text)
-            if stop.stopped:
-                yield text, n, "stop"
-                events.close()
-                return
-            if finish:
-                text += stop.flush()
-            yield text, n, finish
+        tokens = seq.events()
+        try:
+            async for token, finish in tokens:
+                if token in seq.stop_ids:  # generated (and counted), never shown
+                    text = detok.flush()
+                else:
+                    text = detok.add(token) + (detok.flush() if finish else "")
+                text = stop.feed(text)
+                if stop.stopped:
+                    yield text, seq.generated, "stop"
+                    return
+                if finish:
+                    text += stop.flush()
+                yield text, seq.generated, finish
+        finally:
+            await tokens.aclose()  # leaves the batch if the answer ended early (stop string, hang-up)
 
-    def _complete(self, prompt: Prompt, config: Dict[str, Any]):
-        """A ``Completion`` dict, or an iterator of ``CompletionChunk`` when streaming."""
-        sampling, prompt_tokens, events = self._completion_chunks(prompt, config)
+    async def _complete(self, prompt: Prompt, config: Dict[str, Any]):
+        """A ``Completion`` dict, or an async iterator of ``CompletionChunk`` when streaming."""
+        sampling, prompt_tokens, events = await self._events(prompt, config)
         if sampling.stream:
             return self._stream(sampling, prompt_tokens, events)
         text, n, finish = "", 0, "stop"
-        for piece, n, finish in events:
+        async for piece, n, finish in events:
             text += piece
         return generate_completion(self.model_uid, text, prompt_tokens, n, prompt_tokens + n, finish or "stop")
 
-    def _stream(self, sampling: Sampling, prompt_tokens: int, events) -> Iterator:
+    async def _stream(self, sampling: Sampling, prompt_tokens: int, events) -> AsyncIterator:
         chunk_id = str(uuid.uuid4())
         n = 0
-        for piece, n, finish in events:
+        async for piece, n, finish in events:
             usage = (prompt_tokens, n, prompt_tokens + n)
             if piece:
                 yield generate_completion_chunk(piece, None, chunk_id, self.model_uid, *usage)
@@ -239,11 +197,10 @@ class _Mllama:
                 None, None, chunk_id, self.model_uid, *usage, has_choice=False, has_content=False
             )
 
-
-    def generate(self, prompt: str, generate_config: Optional[Dict] = None, **kwargs):
+    async def generate(self, prompt: str, generate_config: Optional[Dict] = None, **kwargs):
         """Raw completion (both families); images ride in the request's ``images`` list."""
         config = dict(generate_config or {})
-        return self._complete(completion_prompt(prompt, config, self._policy), config)
+        return await self._complete(completion_prompt(prompt, config, self._policy), config)
 
 
 class MllamaChatModel(_Mllama, PytorchChatModel):
@@ -251,15 +208,15 @@ class MllamaChatModel(_Mllama, PytorchChatModel):
 
     kind = "instruct"
 
-    def chat(self, messages: List[Dict], generate_config: Optional[Dict] = None, **kwargs):
+    async def chat(self, messages: List[Dict], generate_config: Optional[Dict] = None, **kwargs):
         config = dict(generate_config or {})
         prompt, tools = chat_prompt(messages, config, self._policy)
-        result = self._complete(prompt, config)
+        result = await self._complete(prompt, config)
         if tools:  # never streamed (refused up front): parse the whole answer for a tool call
             return self._post_process_completion(self.model_family, self.model_uid, result, tools)
         if isinstance(result, dict):
             return self._to_chat_completion(result, None)
-        return self._to_chat_completion_chunks(result, None)
+        return self._async_to_chat_completion_chunks(result, None)
 
 
 class MllamaGenerateModel(_Mllama, PytorchModel):

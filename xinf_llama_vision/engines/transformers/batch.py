@@ -1,0 +1,191 @@
+"""One decode batch of Mllama sequences: rows of different lengths, with images or without, in one
+forward pass per step, each row computing what it would compute alone.
+
+Why not Xinference's batching hooks (``PytorchModel.batch_inference`` and its merged KV cache):
+Mllama's cache holds two kinds of layers. Self-attention layers grow one token a step and can be
+left-padded, as Xinference does; cross-attention layers hold each row's *image* keys and values,
+whose length is images × tiles × patches per row, or nothing for a text-only row, and a row must
+never attend to another row's image. Xinference's merge pads only along the text length and has
+no per-row cross-attention mask; it also samples with its own code, not transformers' processors.
+So this module keeps the batch, and :mod:`.scheduler` the requests.
+
+How each row stays exactly itself (the parity the tests check against unbatched ``generate``):
+
+* **Prefill runs alone** (:func:`prefill`): the tokens before a prompt's first ``<|image|>`` see a
+  fully masked cross-attention row, which Mllama turns into uniform attention over the row's own
+  image keys; padding those keys for a batch would change that average.
+* **Self-attention**: rows are left-padded to a common length, masked out, and given their own
+  ``position_ids``.
+* **Cross-attention**: image keys and values are right-padded with zeros to the longest row and
+  masked out (``-inf``, an exact zero weight). A text-only row's whole row is masked: Mllama then
+  zeroes the layer's MLP and attends uniformly over zero values, so the layer adds exactly nothing,
+  as when the row alone skips the layer. A decode token always follows its prompt's last image,
+  so an image row is never fully masked here.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+KV = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def cache_layers(cache, n_layers: int) -> List[KV]:
+    """Per layer ``(keys, values)`` of a ``DynamicCache`` (transformers 4.x or 5.x), ``None`` when empty."""
+    out: List[KV] = []
+    for i in range(n_layers):
+        if cache.get_seq_length(i) == 0:
+            out.append(None)
+        elif hasattr(cache, "layers"):  # transformers >= 4.56
+            out.append((cache.layers[i].keys, cache.layers[i].values))
+        else:
+            out.append((cache.key_cache[i], cache.value_cache[i]))
+    return out
+
+
+def make_cache(layers: Sequence[KV]):
+    """A ``DynamicCache`` holding ``layers`` (empty layers stay empty: Mllama skips them)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, kv in enumerate(layers):
+        if kv is not None:
+            cache.update(kv[0], kv[1], i)
+    return cache
+
+
+def image_keys_mask(model, cross_attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Which cross-attention keys the prompt's last token (and so every generated one) attends to:
+    a ``(images × tiles × patches,)`` bool vector, or ``None`` for a text-only prompt."""
+    if cross_attention_mask is None:
+        return None
+    last = cross_attention_mask[0, -1].reshape(-1).bool()  # (images × tiles,)
+    return last.repeat_interleave(model.model.vision_model.num_patches)
+
+
+@torch.no_grad()
+def prefill(model, inputs) -> Tuple[torch.Tensor, object]:
+    """One prompt alone, as ``generate``'s first step: ``(float32 logits of the last token, cache)``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(**inputs, past_key_values=cache, use_cache=True)
+    return out.logits[:, -1, :].to(dtype=torch.float32), out.past_key_values
+
+
+def _pad(t: torch.Tensor, left: int = 0, right: int = 0) -> torch.Tensor:
+    """Zero-pad a ``(batch, heads, length, dim)`` tensor along its length."""
+    return torch.nn.functional.pad(t, (0, 0, left, right)) if left or right else t
+
+
+class DecodeBatch:
+    """The running rows' caches as one batch; rows are addressed by their index in :attr:`lengths`."""
+
+    def __init__(self, model):
+        self.model = model
+        text = model.config.text_config
+        self.n_layers = text.num_hidden_layers
+        self.cross_layers = set(text.cross_attention_layers)
+        self.cache = None  # a DynamicCache the model appends to; rebuilt when rows join or leave
+        self.pads: List[int] = []  # left padding of each row's self-attention cache
+        self.lengths: List[int] = []  # real tokens in each row's cache (= the next token's position)
+        self.image_keys: List[Optional[torch.Tensor]] = []  # each row's cross-attention key mask
+
+    def _layers(self) -> List[KV]:
+        return cache_layers(self.cache, self.n_layers) if self.cache is not None else [None] * self.n_layers
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _width(self) -> int:
+        return self.pads[0] + self.lengths[0] if self.lengths else 0
+
+    def _cross_width(self) -> int:
+        return max((len(m) for m in self.image_keys if m is not None), default=0)
+
+    def add(self, cache, length: int, image_keys: Optional[torch.Tensor]) -> None:
+        """Join a row prefilled alone (its ``cache`` holds ``length`` tokens)."""
+        layers, new = self._layers(), cache_layers(cache, self.n_layers)
+        width, row_width = self._width(), length
+        target = max(width, row_width)
+        cross_target = max(self._cross_width(), 0 if image_keys is None else len(image_keys))
+        for i in range(self.n_layers):
+            mine, theirs = layers[i], new[i]
+            if i in self.cross_layers:
+                if cross_target == 0:
+                    continue
+                parts = []
+                for kv, rows in ((mine, len(self)), (theirs, 1)):
+                    if rows == 0:
+                        continue
+                    if kv is None:  # text-only rows: zero keys and values, masked out
+                        ref = next(x for x in (mine, theirs) if x is not None)[0]
+                        zeros = ref.new_zeros((rows, ref.shape[1], cross_target, ref.shape[3]))
+                        parts.append((zeros, zeros))
+                    else:
+                        right = cross_target - kv[0].shape[2]
+                        parts.append((_pad(kv[0], right=right), _pad(kv[1], right=right)))
+            else:
+                parts = [] if mine is None else [(_pad(mine[0], left=target - width), _pad(mine[1], left=target - width))]
+                parts.append((_pad(theirs[0], left=target - row_width), _pad(theirs[1], left=target - row_width)))
+            layers[i] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        self.cache = make_cache(layers)
+        self.pads = [p + target - width for p in self.pads] + [target - row_width]
+        self.lengths.append(length)
+        self.image_keys.append(image_keys)
+
+    def remove(self, indexes: Sequence[int]) -> None:
+        """Rows leave; padding no remaining row needs is trimmed."""
+        gone, layers = set(indexes), self._layers()
+        keep = [i for i in range(len(self)) if i not in gone]
+        self.pads = [self.pads[i] for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
+        self.image_keys = [self.image_keys[i] for i in keep]
+        if not keep:
+            self.cache = None
+            return
+        index = torch.tensor(keep)
+        trim = min(self.pads)
+        self.pads = [p - trim for p in self.pads]
+        cross = self._cross_width()
+        for i, kv in enumerate(layers):
+            if kv is None:
+                continue
+            k, v = kv[0].index_select(0, index.to(kv[0].device)), kv[1].index_select(0, index.to(kv[1].device))
+            if i in self.cross_layers:
+                layers[i] = (k[:, :, :cross], v[:, :, :cross]) if cross else None
+            else:
+                layers[i] = (k[:, :, trim:], v[:, :, trim:])
+        self.cache = make_cache(layers)
+
+    @torch.no_grad()
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed each row its last token; return the next-token logits ``(rows, vocab)`` in float32."""
+        model, device, dtype = self.model, self.model.device, self.model.dtype
+        rows, width = len(self), self._width()
+        attention = torch.ones((rows, width + 1), dtype=torch.long, device=device)
+        for r, pad in enumerate(self.pads):
+            attention[r, :pad] = 0
+        kwargs = {}
+        cross = self._cross_width()
+        if cross:
+            keys = torch.zeros((rows, cross), dtype=torch.bool, device=device)
+            for r, m in enumerate(self.image_keys):
+                if m is not None:
+                    keys[r, : len(m)] = m.to(device)
+            mask = torch.zeros((rows, 1, 1, cross), dtype=dtype, device=device)
+            mask.masked_fill_(~keys[:, None, None, :], torch.finfo(dtype).min)
+            full_row = keys.any(-1).to(dtype)[:, None, None, None]  # (rows, 1, 1, 1)
+            kwargs.update(cross_attention_mask=mask * full_row, full_text_row_masked_out_mask=full_row)
+        out = model.model.language_model(
+            input_ids=torch.tensor(list(tokens), device=device)[:, None],
+            attention_mask=attention,
+            position_ids=torch.tensor(self.lengths, device=device)[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            **kwargs,
+        )
+        self.lengths = [n + 1 for n in self.lengths]
+        return model.lm_head(out.last_hidden_state[:, -1, :]).to(dtype=torch.float32)

@@ -1,0 +1,192 @@
+"""Continuous batching for the Transformers engine: one thread runs the model; requests join the
+running batch at the next step and leave it when they finish, stop or are abandoned.
+
+The thread is the only code that touches the model. Requests talk to it through queues: a new
+:class:`Sequence` goes into the inbox; each token comes back to the request's event loop with
+``call_soon_threadsafe``. Nothing here blocks the model actor's threads: a waiting request is an
+``await`` on an ``asyncio.Queue``, never a thread parked on ``queue.Queue.get()`` (which is how
+seven concurrent streams used to hang a 2-core machine: every ``asyncio.to_thread`` worker
+waited for a token that only another worker could produce).
+
+Each step: admit waiting requests while the batch has room (each prefilled alone, see
+:mod:`.batch`), drop rows whose clients are gone, then one decode step for every row, with each
+row's own logits processors and random generator (those of ``generate`` for that request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
+
+import torch
+
+from .batch import DecodeBatch, image_keys_mask, prefill
+
+logger = logging.getLogger("xinf_llama_vision")
+
+#: What :meth:`Sequence.events` yields: a generated token id and, on the last one, why it ended.
+Event = Tuple[int, Optional[str]]
+
+
+def sampler(model, generate_kwargs: Dict[str, Any], prompt_ids: torch.Tensor):
+    """``(logits processors, do_sample)`` exactly as ``model.generate(**generate_kwargs)`` would
+    build them for this prompt (the checkpoint's ``generation_config`` filling what is unset)."""
+    from transformers import LogitsProcessorList
+
+    config, _ = model._prepare_generation_config(None, **generate_kwargs)
+    processors = model._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=prompt_ids.shape[-1],
+        encoder_input_ids=prompt_ids,
+        prefix_allowed_tokens_fn=None,
+        logits_processor=LogitsProcessorList(),
+        device=str(prompt_ids.device),
+        model_kwargs={},
+    )
+    return processors, bool(config.do_sample)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request: its processed inputs, how it samples and stops, and its way back to the caller."""
+
+    inputs: Any  # the processor's BatchFeature, on the model's device
+    max_new_tokens: int
+    stop_ids: Set[int]
+    processors: Any
+    do_sample: bool
+    loop: asyncio.AbstractEventLoop
+    out: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
+    ids: List[int] = field(default_factory=list)  # prompt, then generated
+    generated: int = 0
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """The caller is gone (hung up, aborted, or has all it wants): leave the batch."""
+        self.cancelled = True
+
+    def _send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def choose(self, logits: torch.Tensor) -> Event:
+        """Pick the next token from this row's float32 ``logits`` (as ``generate`` does) and send it."""
+        scores = logits[None]
+        if len(self.processors):
+            scores = self.processors(torch.tensor([self.ids], device=logits.device), scores)
+        if self.do_sample:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
+        else:
+            token = int(scores[0].argmax())
+        self.ids.append(token)
+        self.generated += 1
+        finish = "stop" if token in self.stop_ids else "length" if self.generated >= self.max_new_tokens else None
+        self._send((token, finish))
+        return token, finish
+
+    def fail(self, error: BaseException) -> None:
+        self._send(error)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The tokens as they come; leaving early (``break``, ``aclose``, cancellation) cancels the row."""
+        try:
+            while True:
+                item = await self.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item[1] is not None:
+                    return
+        finally:
+            self.cancel()
+
+
+class Scheduler:
+    """The model's one worker thread and its running batch (at most ``max_num_seqs`` rows)."""
+
+    def __init__(self, model, max_num_seqs: int):
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self._inbox: "queue.Queue[Optional[Sequence]]" = queue.Queue()
+        self._waiting: List[Sequence] = []
+        self._running: List[Sequence] = []
+        self._batch = DecodeBatch(model)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mllama-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        if self._closed:
+            raise RuntimeError("this model is stopping")
+        self._inbox.put(seq)
+
+    def close(self) -> None:
+        self._closed = True
+        self._inbox.put(None)
+        self._thread.join(timeout=60)
+
+    def stats(self) -> Dict[str, int]:
+        return {"running": len(self._running), "waiting": len(self._waiting) + self._inbox.qsize()}
+
+    # -- the thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                self._collect(block=not self._running and not self._waiting)
+                self._admit()
+                if self._running:
+                    self._step()
+            except Exception as error:  # never leave a caller waiting: fail what was running
+                logger.exception("batch step failed")
+                for seq in self._running:
+                    seq.fail(error)
+                self._running, self._batch = [], DecodeBatch(self.model)
+        for seq in self._waiting + self._running:
+            seq.fail(RuntimeError("the model stopped before this request finished"))
+
+    def _collect(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_num_seqs and not self._closed:
+            seq = self._waiting.pop(0)
+            if seq.cancelled:
+                continue
+            try:
+                logits, cache = prefill(self.model, seq.inputs)
+                _, finish = seq.choose(logits[0])
+            except Exception as error:
+                logger.exception("prefill failed")
+                seq.fail(error)
+                continue
+            if finish is None:
+                length = int(seq.inputs["input_ids"].shape[1])
+                self._batch.add(cache, length, image_keys_mask(self.model, seq.inputs.get("cross_attention_mask")))
+                self._running.append(seq)
+            seq.inputs = None  # pixel values are in the cache now
+
+    def _step(self) -> None:
+        gone = [i for i, seq in enumerate(self._running) if seq.cancelled]
+        if gone:
+            self._leave(gone)
+            if not self._running:
+                return
+        logits = self._batch.step([seq.ids[-1] for seq in self._running])
+        done = [i for i, (seq, row) in enumerate(zip(self._running, logits)) if seq.choose(row)[1] is not None]
+        if done:
+            self._leave(done)
+
+    def _leave(self, indexes: List[int]) -> None:
+        self._batch.remove(indexes)
+        drop = set(indexes)
+        self._running = [seq for i, seq in enumerate(self._running) if i not in drop]
