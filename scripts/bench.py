@@ -1,21 +1,33 @@
-"""What serving through Xinference + this plugin costs over raw transformers, side by side, in one run.
+"""Served throughput against raw transformers, side by side, in one run.
 
-    .venv/bin/python scripts/bench.py [--requests 8] [--max-tokens 32] [--model-path DIR]
+    .venv/bin/python scripts/bench.py [--max-tokens 64] [--model-path DIR] [--json FILE] [--markdown docs/performance.md]
 
-Same checkpoint and greedy decoding, so the same answer and length in every row (default: the tiny random one, where the model is so cheap that the table shows the
-serving overhead itself; with real weights the model dominates), same prompt and image.
-Rows: raw ``generate`` in-process; the plugin's API-process check (parse, validate, inline the
-image); served non-streaming; served streaming (first token and whole answer). Each is the median
-of ``--requests`` runs after one warm-up, with its ratio to raw ``generate``.
+Default checkpoint: a random one with 11B's layer pattern scaled down (``tiny.BENCH_TEXT`` /
+``BENCH_VISION``, ~75M parameters), big enough that the model, not the serving overhead, takes
+the time on a CPU. Same image question and greedy decoding everywhere. Rows:
+
+* raw ``generate`` in-process at batch 1 and batch 8 (tokens/s), and raw prefill (one forward
+  pass of the prompt, the floor for time to first token);
+* the same question served through Xinference + the plugin to 1, 4, 8 and 16 concurrent
+  streaming clients (total tokens/s, median time to first token);
+* the server's memory (RSS of its whole process tree) before the load, right after, and after
+  a short rest.
+
+The ratios the engine aims at: one client >= 0.9x raw batch 1; eight clients >= 0.8x raw batch 8;
+time to first token <= raw prefill + 50 ms; memory back to its baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,53 +36,133 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import BIN, Server, base_env, free_port  # noqa: E402
 from oracle import Reference, data_uri, png  # noqa: E402
 
+CLIENTS = (1, 4, 8, 16)
 
-def median_seconds(fn, n: int) -> float:
+
+def best_of(fn, n: int = 3) -> float:
     fn()  # warm-up
     times = []
     for _ in range(n):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    total = 0
+    for p in [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def raw_rows(reference: Reference, prompt: str, image, max_tokens: int) -> dict:
+    import torch
+
+    def generate(batch: int):
+        inputs = reference.processor(images=[[image]] * batch, text=[prompt] * batch, add_special_tokens=False,
+                                     return_tensors="pt")
+        with torch.no_grad():
+            reference.model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+
+    def prefill():
+        inputs = reference.inputs(prompt, [image])
+        with torch.no_grad():
+            reference.model(**inputs)
+
+    return {
+        "raw_batch1_tokens_per_s": max_tokens / best_of(lambda: generate(1)),
+        "raw_batch8_tokens_per_s": 8 * max_tokens / best_of(lambda: generate(8)),
+        "raw_prefill_ms": 1000 * best_of(prefill),
+    }
+
+
+def served_rows(server: Server, uid: str, messages, max_tokens: int) -> dict:
+    client = server.openai()
+
+    def one():
+        start = time.perf_counter()
+        first, tokens = None, 0
+        stream = client.chat.completions.create(model=uid, messages=messages, max_tokens=max_tokens, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return first, tokens
+
+    one()  # warm-up
+    out = {}
+    for clients in CLIENTS:
+        with ThreadPoolExecutor(clients) as pool:
+            start = time.perf_counter()
+            results = list(pool.map(lambda _: one(), range(clients)))
+            elapsed = time.perf_counter() - start
+        out[clients] = {
+            "tokens_per_s": sum(t for _, t in results) / elapsed,
+            "ttft_ms": 1000 * statistics.median(f for f, _ in results if f is not None),
+        }
+    return out
+
+
+def markdown(results: dict) -> str:
+    raw1, raw8, prefill = (results[k] for k in ("raw_batch1_tokens_per_s", "raw_batch8_tokens_per_s", "raw_prefill_ms"))
+    lines = [
+        f"Machine: {results['machine']}. Checkpoint: {results['checkpoint']}; {results['max_tokens']} new tokens "
+        "per request, one image question, greedy.",
+        "",
+        "| | tokens/s | vs raw batch 1 | vs raw batch 8 | time to first token (ms) | vs raw prefill |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| raw `generate`, batch 1 | {raw1:.1f} | 1.00x | | | |",
+        f"| raw `generate`, batch 8 | {raw8:.1f} | {raw8 / raw1:.2f}x | 1.00x | | |",
+        f"| raw prefill (one forward pass) | | | | {prefill:.1f} | |",
+    ]
+    for clients, row in results["served"].items():
+        lines.append(f"| served, {clients} concurrent streaming client{'s' if int(clients) > 1 else ''} | "
+                     f"{row['tokens_per_s']:.1f} | {row['tokens_per_s'] / raw1:.2f}x | {row['tokens_per_s'] / raw8:.2f}x"
+                     f" | {row['ttft_ms']:.1f} | +{row['ttft_ms'] - prefill:.1f} ms |")
+    rss = results["rss_mib"]
+    lines += ["", f"Server memory (RSS of the process tree): {rss['before']:.0f} MiB before the load, "
+                  f"{rss['after']:.0f} MiB right after, {rss['rested']:.0f} MiB after 5 s at rest."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--model-path", help="a Llama 3.2 Vision Instruct checkpoint (default: build a tiny one)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--model-path", help="a Llama 3.2 Vision Instruct checkpoint (default: build the bench one)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--markdown", help="write the table here (between its bench:begin/end markers, if it has them)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="xlv-bench-"))
     model_path = args.model_path
+    checkpoint = model_path
     if not model_path:
-        from xinf_llama_vision.tiny import build
+        from xinf_llama_vision.tiny import BENCH_TEXT, BENCH_VISION, build
 
-        model_path = build(str(work / "tiny"))
+        model_path = build(str(work / "bench"), text=BENCH_TEXT, vision=BENCH_VISION)
+        checkpoint = "random, 11B's layer pattern scaled down (xinf_llama_vision.tiny.BENCH_*)"
     image = png((200, 30, 30), size=(512, 384))
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
                                              {"type": "text", "text": "What is in this image?"}]}]
-    n, max_tokens = args.requests, args.max_tokens
-    rows = []
+    import torch
 
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "checkpoint": checkpoint,
+        "max_tokens": args.max_tokens,
+    }
     reference = Reference(model_path)
-    prompt = reference.render(messages)
-
-    def raw():
-        import torch
-
-        inputs = reference.inputs(prompt, [image])
-        with torch.no_grad():
-            reference.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
-
-    raw_s = median_seconds(raw, n)
-    rows.append(("raw transformers generate (in-process)", raw_s))
-
-    from xinf_llama_vision.validation import Policy, check_chat
-
-    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    rows.append(("plugin request check in the API process", median_seconds(lambda: check_chat(body, Policy("instruct")), n)))
+    results.update(raw_rows(reference, reference.render(messages), image, args.max_tokens))
+    del reference
 
     port = free_port()
     server = Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], base_env(work / "home"),
@@ -79,33 +171,26 @@ def main() -> int:
         server.wait_ready()
         server.launch("llama-3.2-vision-instruct", "bench", model_path, "--disable-virtual-env")
         client = server.openai()
-
-        def served():
-            client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0)
-
-        first = []
-
-        def streamed():
-            start = time.perf_counter()
-            stream = client.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
-                                                    temperature=0, stream=True)
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content and len(first) < n + 1:
-                    first.append(time.perf_counter() - start)
-                    break
-            for _ in stream:
-                pass
-
-        rows.append(("served through Xinference, non-streaming", median_seconds(served, n)))
-        rows.append(("served through Xinference, streaming (whole answer)", median_seconds(streamed, n)))
-        rows.append(("served through Xinference, streaming (first token)", statistics.median(first[1:])))
+        client.chat.completions.create(model="bench", messages=messages, max_tokens=4, temperature=0)
+        before = tree_rss(server.proc.pid)
+        results["served"] = served_rows(server, "bench", messages, args.max_tokens)
+        after = tree_rss(server.proc.pid)
+        time.sleep(5)
+        results["rss_mib"] = {"before": before / 2**20, "after": after / 2**20, "rested": tree_rss(server.proc.pid) / 2**20}
     finally:
         server.stop()
 
-    print(f"\n{n} requests each (median), {max_tokens} new tokens, one 512x384 PNG, model {model_path}\n")
-    print(f"{'':56}{'seconds':>10}{'vs raw':>10}")
-    for name, seconds in rows:
-        print(f"{name:56}{seconds:10.4f}{seconds / raw_s:9.2f}x")
+    table = markdown(results)
+    print("\n" + table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        path = Path(args.markdown)
+        text = path.read_text() if path.exists() else ""
+        begin, end = "<!-- bench:begin -->\n", "<!-- bench:end -->"
+        if begin in text and end in text:
+            table = text[: text.index(begin) + len(begin)] + table + text[text.index(end):]
+        path.write_text(table)
     return 0
 
 

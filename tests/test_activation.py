@@ -69,7 +69,7 @@ def doctor(*args, env=None):
 def test_doctor_on_an_enabled_server(server):
     result = doctor("--endpoint", server.endpoint, env=server.env)
     assert result.returncode == 0, result.stdout
-    assert "llama-3.2-vision-instruct -> xinf_llama_vision.engines.transformers:MllamaChatModel" in result.stdout
+    assert "llama-3.2-vision-instruct -> xinf_llama_vision.engines.transformers.engine:MllamaChatModel" in result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ logger = logging.getLogger("xinf_llama_vision")
 
 #: (Xinference engine name, "module:Class"), in order of precedence.
 ENGINES: Tuple[Tuple[str, str], ...] = (
-    ("Transformers", "xinf_llama_vision.engines.transformers:MllamaChatModel"),
-    ("Transformers", "xinf_llama_vision.engines.transformers:MllamaGenerateModel"),
+    ("Transformers", "xinf_llama_vision.engines.transformers.engine:MllamaChatModel"),
+    ("Transformers", "xinf_llama_vision.engines.transformers.engine:MllamaGenerateModel"),
     ("vLLM", "xinf_llama_vision.engines.vllm:MllamaVLLMChatModel"),
     ("vLLM", "xinf_llama_vision.engines.vllm:MllamaVLLMGenerateModel"),
 )

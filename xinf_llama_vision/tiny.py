@@ -46,6 +46,13 @@ VISION = dict(
     patch_size=14,
     max_num_tiles=4,
 )
+#: A larger random checkpoint with 11B's layer pattern scaled down (cross-attention every 4th layer,
+#: 112-pixel tiles; ~75M parameters, most in the 128k vocabulary): big enough that compute, not
+#: serving overhead, dominates a benchmark on a CPU (``scripts/bench.py``).
+BENCH_TEXT = dict(TEXT, hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, cross_attention_layers=[3, 7])
+BENCH_VISION = dict(VISION, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_global_layers=2,
+                    attention_heads=4, intermediate_layers_indices=[1], vision_output_dim=256, image_size=112)
 GATE = 1.0
 HEAD_SCALE = 60.0
 
@@ -62,22 +69,23 @@ def tokenizer_dir() -> str:
     return os.path.join(spec.submodule_search_locations[0], "tokenizer")
 
 
-def text_config() -> dict:
-    """:data:`TEXT` in the installed transformers' terms: 5.x reads ``rope_parameters``;
+def text_config(text: dict = TEXT) -> dict:
+    """``text`` (:data:`TEXT`) in the installed transformers' terms: 5.x reads ``rope_parameters``;
     4.x (e.g. 4.53 beside vLLM) reads ``rope_theta`` and ``rope_scaling`` instead."""
     import transformers
 
     if int(transformers.__version__.split(".")[0]) >= 5:
-        return dict(TEXT)
-    text = {k: v for k, v in TEXT.items() if k != "rope_parameters"}
+        return dict(text)
+    text = {k: v for k, v in text.items() if k != "rope_parameters"}
     rope = dict(TEXT["rope_parameters"])
     text["rope_theta"] = rope.pop("rope_theta")
     text["rope_scaling"] = rope
     return text
 
 
-def build(out_dir: str, seed: int = 0) -> str:
-    """Write a tiny random Mllama checkpoint (model, tokenizer, processor) to ``out_dir``."""
+def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION) -> str:
+    """Write a tiny random Mllama checkpoint (model, tokenizer, processor) to ``out_dir``
+    (:data:`BENCH_TEXT` and :data:`BENCH_VISION` make the benchmark's larger one)."""
     import torch
     from transformers import (
         MllamaConfig,
@@ -89,19 +97,19 @@ def build(out_dir: str, seed: int = 0) -> str:
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
     image_processor = MllamaImageProcessor(
-        size={"height": VISION["image_size"], "width": VISION["image_size"]},
-        max_image_tiles=VISION["max_num_tiles"],
+        size={"height": vision["image_size"], "width": vision["image_size"]},
+        max_image_tiles=vision["max_num_tiles"],
     )
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
     config = MllamaConfig(
         text_config=dict(
-            text_config(),
+            text_config(text),
             bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
             eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")],
             pad_token_id=tokenizer.convert_tokens_to_ids("<|finetune_right_pad_id|>"),
         ),
-        vision_config=VISION,
+        vision_config=vision,
         image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
     )
     torch.manual_seed(seed)

@@ -27,3 +27,39 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
         if reporter:
             reporter.write_line(f"vLLM stage: {len(skipped)} test(s) skipped; every test must run here", red=True)
+
+
+def launch(server, model_name: str, uid: str, model_path: str, *extra: str) -> str:
+    # float32 like the reference; vLLM would otherwise halve a float32 checkpoint's precision.
+    server.cli("launch", "--model-name", model_name, "--model-engine", "vllm", "--model_path", model_path,
+               "--model-uid", uid, "--disable-virtual-env", "--dtype", "float32", *extra)
+    wait_ready(server, uid)
+    import httpx
+
+    described = httpx.get(f"{server.endpoint}/v1/models/{uid}", timeout=30).json()
+    assert described["model_engine"].lower() == "vllm", described
+    return uid
+
+
+def wait_ready(server, uid: str, timeout: float = 300) -> None:
+    """``xinference launch`` returns while vLLM still loads (503 "Model is loading"): wait for it."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        response = httpx.post(f"{server.endpoint}/v1/completions", timeout=60,
+                              json={"model": uid, "prompt": "Hi", "max_tokens": 1})
+        if response.status_code == 200:
+            return
+        if response.status_code != 503:
+            raise AssertionError(f"{uid}: HTTP {response.status_code} {response.text}\n{server.log.read_text()[-4000:]}")
+        time.sleep(2)
+    raise TimeoutError(f"{uid} not ready after {timeout}s:\n{server.log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def vllm_launch(server, tiny_checkpoint):
+    """``vllm_launch(model_name, uid, *options)``: launch on ``--model-engine vllm`` and wait until it answers."""
+    return lambda model_name, uid, *extra: launch(server, model_name, uid, tiny_checkpoint, *extra)

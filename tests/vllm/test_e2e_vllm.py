@@ -16,45 +16,15 @@ import pytest
 from parity import *  # noqa: F401,F403 - the shared parity tests, collected here
 
 
-def launch(server, model_name: str, uid: str, model_path: str, *extra: str) -> str:
-    # float32 like the reference; vLLM would otherwise halve a float32 checkpoint's precision.
-    server.cli("launch", "--model-name", model_name, "--model-engine", "vllm", "--model_path", model_path,
-               "--model-uid", uid, "--disable-virtual-env", "--dtype", "float32", *extra)
-    wait_ready(server, uid)
-    import httpx
-
-    described = httpx.get(f"{server.endpoint}/v1/models/{uid}", timeout=30).json()
-    assert described["model_engine"].lower() == "vllm", described
-    return uid
-
-
-def wait_ready(server, uid: str, timeout: float = 300) -> None:
-    """``xinference launch`` returns while vLLM still loads (503 "Model is loading"): wait for it."""
-    import time
-
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        response = httpx.post(f"{server.endpoint}/v1/completions", timeout=60,
-                              json={"model": uid, "prompt": "Hi", "max_tokens": 1})
-        if response.status_code == 200:
-            return
-        if response.status_code != 503:
-            raise AssertionError(f"{uid}: HTTP {response.status_code} {response.text}\n{server.log.read_text()[-4000:]}")
-        time.sleep(2)
-    raise TimeoutError(f"{uid} not ready after {timeout}s:\n{server.log.read_text()[-4000:]}")
+@pytest.fixture(scope="module")
+def chat_uid(vllm_launch):
+    return vllm_launch("llama-3.2-vision-instruct", "vllm-chat")
 
 
 @pytest.fixture(scope="module")
-def chat_uid(server, tiny_checkpoint):
-    return launch(server, "llama-3.2-vision-instruct", "vllm-chat", tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def base_uid(server, tiny_checkpoint, chat_uid):
+def base_uid(server, vllm_launch, chat_uid):
     server.cli("terminate", "--model-uid", chat_uid)  # one engine at a time on a small CI machine
-    return launch(server, "llama-3.2-vision", "vllm-base", tiny_checkpoint)
+    return vllm_launch("llama-3.2-vision", "vllm-base")
 
 
 def test_vllm_runs_its_v0_engine_with_our_defaults(server, chat_uid):

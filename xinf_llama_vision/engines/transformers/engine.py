@@ -163,6 +163,7 @@ class _Mllama:
                     text = detok.add(token) + (detok.flush() if finish else "")
                 text = stop.feed(text)
                 if stop.stopped:
+                    seq.cancel("a stop string matched")
                     yield text, seq.generated, "stop"
                     return
                 if finish:

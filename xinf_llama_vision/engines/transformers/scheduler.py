@@ -26,7 +26,8 @@ import torch
 
 from .batch import DecodeBatch, image_keys_mask, prefill
 
-logger = logging.getLogger("xinf_llama_vision")
+#: Under Xinference's logger, so these lines reach the server's log with its own (model process: INFO).
+logger = logging.getLogger("xinference.model.llm.xinf_llama_vision")
 
 #: What :meth:`Sequence.events` yields: a generated token id and, on the last one, why it ended.
 Event = Tuple[int, Optional[str]]
@@ -63,11 +64,13 @@ class Sequence:
     out: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
     ids: List[int] = field(default_factory=list)  # prompt, then generated
     generated: int = 0
-    cancelled: bool = False
+    finished: bool = False
+    cancelled: Optional[str] = None  # why the row must leave early
 
-    def cancel(self) -> None:
-        """The caller is gone (hung up, aborted, or has all it wants): leave the batch."""
-        self.cancelled = True
+    def cancel(self, why: str = "the client went away") -> None:
+        """The caller is gone (hung up, aborted) or has all it wants: leave the batch at the next step."""
+        if not self.finished and self.cancelled is None:
+            self.cancelled = why
 
     def _send(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -84,10 +87,12 @@ class Sequence:
         self.ids.append(token)
         self.generated += 1
         finish = "stop" if token in self.stop_ids else "length" if self.generated >= self.max_new_tokens else None
+        self.finished = finish is not None
         self._send((token, finish))
         return token, finish
 
     def fail(self, error: BaseException) -> None:
+        self.finished = True
         self._send(error)
 
     async def events(self) -> AsyncIterator[Event]:
@@ -177,6 +182,10 @@ class Scheduler:
 
     def _step(self) -> None:
         gone = [i for i, seq in enumerate(self._running) if seq.cancelled]
+        for i in gone:
+            seq = self._running[i]
+            logger.info("a request left the batch after %d of %d tokens: %s", seq.generated, seq.max_new_tokens,
+                        seq.cancelled)
         if gone:
             self._leave(gone)
             if not self._running:

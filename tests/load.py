@@ -1,0 +1,82 @@
+"""Concurrent mixed requests for the load tests of every engine (``test_e2e_concurrency`` and the vLLM
+stage): the cases, their expected answers from unbatched raw transformers, and one client per request."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from oracle import data_uri, png
+from parity import BLUE, RED
+
+GREEN_WIDE = png((20, 200, 20), size=(200, 50))  # more tiles than RED or BLUE
+
+
+def chat(images, question):
+    content = [{"type": "image_url", "image_url": {"url": data_uri(i)}} for i in images]
+    return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
+
+
+#: name → (messages, images, request options). "hang-up" streams are closed after their first chunk.
+CASES = {
+    "image, streamed": (chat([RED], "What is in this image?"), [RED], {"max_tokens": 12, "stream": True}),
+    "text only": (chat([], "Write a haiku about the sea."), [], {"max_tokens": 20}),
+    "two images, streamed": (chat([BLUE, RED], "Compare them."), [BLUE, RED], {"max_tokens": 16, "stream": True}),
+    "wide image, stop string": (chat([GREEN_WIDE], "Describe it."), [GREEN_WIDE], {"max_tokens": 24, "stop": "?"}),
+    "top_k=1 at temperature 2": (chat([], "Name a colour."), [], {"max_tokens": 10, "temperature": 2.0,
+                                                                  "extra_body": {"top_k": 1}}),
+    "hang-up": (chat([RED], "Tell me a long story."), [RED], {"max_tokens": 2000, "stream": True}),
+}
+
+
+def expected_answers(reference):
+    """Raw transformers, one request at a time, greedy: the answer each case must get under load."""
+    out = {}
+    for name, (messages, images, options) in CASES.items():
+        if name == "hang-up":
+            continue
+        text, prompt_tokens, n = reference.generate(reference.render(messages), images, options["max_tokens"])
+        stop = options.get("stop")
+        if stop:
+            # The stop string must cut this answer (else the case would test nothing): pick the
+            # answer's own character at its middle if "?" does not occur.
+            if stop not in text:
+                stop = text[len(text) // 2]
+                CASES[name][2]["stop"] = stop
+            text = text[: text.index(stop)]
+        out[name] = (text, prompt_tokens)
+    return out
+
+
+def run(server, uid, name, stream=None):
+    messages, _, options = CASES[name]
+    options = {"temperature": 0, **options}
+    if stream is not None:
+        options["stream"] = stream
+    client = server.openai()
+    reply = client.chat.completions.create(model=uid, messages=messages, **options)
+    if not options.get("stream"):
+        return name, reply.choices[0].message.content, reply.usage.prompt_tokens
+    if name == "hang-up":
+        next(iter(reply))
+        reply.close()
+        return name, None, None
+    text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+    return name, text, None
+
+
+def load_round(server, uid, names, n=32, stream=None):
+    """``n`` requests at once, cycling through ``names`` (``stream`` overrides the cases' own):
+    ``[(name, text, prompt_tokens)]``."""
+    names = [names[i % len(names)] for i in range(n)]
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda name: run(server, uid, name, stream), names))
+
+
+def check(results, expected):
+    """Every answer read to the end equals raw transformers' (and its usage, where the reply has one)."""
+    for name, text, prompt_tokens in results:
+        if name == "hang-up":
+            continue
+        assert text == expected[name][0], name
+        if prompt_tokens is not None:
+            assert prompt_tokens == expected[name][1], name

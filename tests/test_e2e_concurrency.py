@@ -1,0 +1,76 @@
+"""Load is part of correctness: dozens of concurrent requests to one model through a real
+``xinference-local`` over HTTP, streaming and not, images and text-only, clients that hang up.
+Every answer that is read to the end equals unbatched raw transformers (greedy); nothing hangs;
+abandoned answers leave the batch; memory does not grow from one round to the next.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import psutil
+import pytest
+
+from load import CASES, check, expected_answers, load_round, run
+
+
+def tree_rss(pid: int) -> int:
+    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+@pytest.fixture(scope="module")
+def chat_uid(launched):
+    """Two images per request allowed (Meta recommends one; the default is 1)."""
+    return launched("llama-3.2-vision-instruct", "--disable-virtual-env", "--max_images", "2")
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    return expected_answers(reference)
+
+
+def test_32_concurrent_mixed_requests_equal_raw_transformers(server, chat_uid, expected):
+    for round_ in range(2):
+        results = load_round(server, chat_uid, list(CASES))
+        assert len(results) == 32
+        check(results, expected)
+        if round_ == 0:
+            after_first = tree_rss(server.proc.pid)
+    # The same load again holds no more memory than the first time (no leak per request).
+    assert tree_rss(server.proc.pid) <= after_first + 64 * 2**20
+    # The model still answers on its own afterwards.
+    name, text, _ = run(server, chat_uid, "text only")
+    assert text == expected["text only"][0]
+
+
+def test_clients_that_hang_up_leave_the_batch(server, launched, expected):
+    """With one row (``--max_num_seqs 1``) a stream that would run 2000 tokens is abandoned after its
+    first chunk: the model says so in its log, and the next request gets the slot and its answer."""
+    uid = launched("llama-3.2-vision-instruct", "--disable-virtual-env", "--max_num_seqs", "1")
+    left = re.compile(r"a request left the batch after (\d+) of 2000 tokens: the client went away")
+    before = len(left.findall(server.log.read_text()))
+    run(server, uid, "hang-up")
+    name, text, _ = run(server, uid, "text only")
+    assert text == expected["text only"][0]
+    deadline = time.time() + 30
+    while len(left.findall(server.log.read_text())) == before and time.time() < deadline:
+        time.sleep(0.5)
+    found = left.findall(server.log.read_text())
+    assert len(found) == before + 1
+    assert int(found[-1]) < 2000
+
+
+def test_a_bad_launch_option_for_max_num_seqs_fails_the_launch(server, tiny_checkpoint):
+    result = server.cli("launch", "--model-name", "llama-3.2-vision-instruct", "--model-engine", "transformers",
+                        "--model_path", tiny_checkpoint, "--model-uid", "bad-max-num-seqs",
+                        "--disable-virtual-env", "--max_num_seqs", "0", check=False)
+    assert result.returncode != 0
+    assert "launch option max_num_seqs must be an integer >= 1, got 0" in result.stdout + result.stderr
