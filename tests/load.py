@@ -37,6 +37,7 @@ def expected_answers(reference, max_tokens=None):
             continue
         n_max = (max_tokens or {}).get(name, options["max_tokens"])
         text, prompt_tokens, n = reference.generate(reference.render(messages), images, n_max)
+        finish = "length" if n == n_max else "stop"
         stop = options.get("stop")
         if stop:
             # The stop string must cut this answer (else the case would test nothing): pick the
@@ -44,8 +45,8 @@ def expected_answers(reference, max_tokens=None):
             if stop not in text:
                 stop = text[len(text) // 2]
                 CASES[name][2]["stop"] = stop
-            text = text[: text.index(stop)]
-        out[name] = (text, prompt_tokens)
+            text, n, finish = text[: text.index(stop)], None, "stop"  # tokens up to the match: not counted here
+        out[name] = (text, prompt_tokens, n, finish)
     return out
 
 
@@ -70,33 +71,41 @@ def run(server, uid, name, stream=None, max_tokens=None):
         options["stream"] = stream
     if max_tokens and name in max_tokens:
         options["max_tokens"] = max_tokens[name]
+    if options.get("stream"):
+        options["stream_options"] = {"include_usage": True}
     client = server.openai()
     reply = client.chat.completions.create(model=uid, messages=messages, **options)
     if not options.get("stream"):
-        return name, reply.choices[0].message.content, reply.usage.prompt_tokens
+        choice = reply.choices[0]
+        return name, choice.message.content, (reply.usage.prompt_tokens, reply.usage.completion_tokens), \
+            choice.finish_reason
     if name == "hang-up":
         next(iter(reply))
         reply.close()
-        return name, None, None
-    text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
-    return name, text, None
+        return name, None, None, None
+    chunks = list(reply)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = chunks[-1].usage
+    return name, text, (usage.prompt_tokens, usage.completion_tokens), finish[0] if len(finish) == 1 else finish
 
 
 def load_round(server, uid, names, n=32, stream=None, max_tokens=None):
     """``n`` requests at once, cycling through ``names`` (``stream`` and ``max_tokens``, name → tokens,
-    override the cases' own): ``[(name, text, prompt_tokens)]``."""
+    override the cases' own): ``[(name, text, (prompt_tokens, completion_tokens), finish_reason)]``."""
     names = [names[i % len(names)] for i in range(n)]
     with ThreadPoolExecutor(n) as pool:
         return list(pool.map(lambda name: run(server, uid, name, stream, max_tokens), names))
 
 
 def check(results, expected, compared=None):
-    """Every answer read to the end (of the ``compared`` cases, default all) equals raw transformers'
-    (and its usage, where the reply has one)."""
-    for name, text, prompt_tokens in results:
+    """Every answer read to the end (of the ``compared`` cases, default all) equals raw transformers',
+    with its usage and finish_reason."""
+    for name, text, usage, finish in results:
         if name == "hang-up" or (compared is not None and name not in compared):
             assert name == "hang-up" or text is not None
             continue
-        assert text == expected[name][0], name
-        if prompt_tokens is not None:
-            assert prompt_tokens == expected[name][1], name
+        want_text, want_prompt, want_completion, want_finish = expected[name]
+        assert (text, finish, usage[0]) == (want_text, want_finish, want_prompt), name
+        if want_completion is not None:
+            assert usage[1] == want_completion, name

@@ -154,21 +154,24 @@ class _Mllama:
             lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         )
         stop = StopText(list(sampling.stop))
-        tokens = seq.events()
+        tokens, n = seq.events(), 0
         try:
-            async for token, finish in tokens:
-                if token in seq.stop_ids:  # generated (and counted), never shown
-                    text = detok.flush()
-                else:
-                    text = detok.add(token) + (detok.flush() if finish else "")
-                text = stop.feed(text)
-                if stop.stopped:
-                    seq.cancel("a stop string matched")
-                    yield text, seq.generated, "stop"
-                    return
+            async for events in tokens:
+                text, finish = "", None
+                for token, finish in events:
+                    n += 1
+                    if token in seq.stop_ids:  # generated (and counted), never shown
+                        piece = detok.flush()
+                    else:
+                        piece = detok.add(token) + (detok.flush() if finish else "")
+                    text += stop.feed(piece)
+                    if stop.stopped:
+                        seq.cancel("a stop string matched")
+                        yield text, n, "stop"
+                        return
                 if finish:
                     text += stop.flush()
-                yield text, seq.generated, finish
+                yield text, n, finish
         finally:
             await tokens.aclose()  # leaves the batch if the answer ended early (stop string, hang-up)
 

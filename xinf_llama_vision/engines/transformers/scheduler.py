@@ -95,16 +95,25 @@ class Sequence:
         self.finished = True
         self._send(error)
 
-    async def events(self) -> AsyncIterator[Event]:
-        """The tokens as they come; leaving early (``break``, ``aclose``, cancellation) cancels the row."""
+    async def events(self) -> AsyncIterator[List[Event]]:
+        """The tokens as they come, in lists of all that arrived since the last one (a reader that
+        falls behind under load gets fewer, larger pieces); leaving early (``break``, ``aclose``,
+        cancellation) cancels the row."""
         try:
             while True:
-                item = await self.out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item[1] is not None:
-                    return
+                items, ready = [await self.out.get()], []
+                while not self.out.empty():
+                    items.append(self.out.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        if ready:
+                            yield ready
+                        raise item
+                    ready.append(item)
+                    if item[1] is not None:
+                        yield ready
+                        return
+                yield ready
         finally:
             self.cancel()
 
