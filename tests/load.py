@@ -38,13 +38,15 @@ def expected_answers(reference, max_tokens=None):
         n_max = (max_tokens or {}).get(name, options["max_tokens"])
         text, prompt_tokens, n = reference.generate(reference.render(messages), images, n_max)
         finish = "length" if n == n_max else "stop"
-        stop = options.get("stop")
-        if stop:
-            # The stop string must cut this answer (else the case would test nothing): pick the
-            # answer's own character at its middle if "?" does not occur.
-            if stop not in text:
-                stop = text[len(text) // 2]
-                CASES[name][2]["stop"] = stop
+        if options.get("stop"):
+            # The stop string must cut this answer inside (else the case would test nothing): "?" if
+            # it occurs after the start, else the first visible character from the middle on that
+            # first occurs there. The case's requests are sent with it.
+            stop = "?"
+            if text.find(stop) < 1:
+                middle = [c for i, c in enumerate(text) if i >= len(text) // 2 and text.index(c) == i]
+                stop = next(c for c in middle if not c.isspace() and c != "\ufffd")
+            CASES[name][2]["stop"] = stop
             text, n, finish = text[: text.index(stop)], None, "stop"  # tokens up to the match: not counted here
         out[name] = (text, prompt_tokens, n, finish)
     return out
