@@ -49,18 +49,6 @@ def best_of(fn, n: int = 3) -> float:
     return min(times)
 
 
-def tree_rss(pid: int) -> int:
-    import psutil
-
-    total = 0
-    for p in [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True):
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def raw_rows(reference: Reference, prompt: str, image, max_tokens: int) -> dict:
     import torch
 
@@ -172,11 +160,11 @@ def main() -> int:
         server.launch("llama-3.2-vision-instruct", "bench", model_path, "--disable-virtual-env")
         client = server.openai()
         client.chat.completions.create(model="bench", messages=messages, max_tokens=4, temperature=0)
-        before = tree_rss(server.proc.pid)
+        before = server.rss()
         results["served"] = served_rows(server, "bench", messages, args.max_tokens)
-        after = tree_rss(server.proc.pid)
+        after = server.rss()
         time.sleep(5)
-        results["rss_mib"] = {"before": before / 2**20, "after": after / 2**20, "rested": tree_rss(server.proc.pid) / 2**20}
+        results["rss_mib"] = {"before": before / 2**20, "after": after / 2**20, "rested": server.rss() / 2**20}
     finally:
         server.stop()
 

@@ -94,6 +94,19 @@ class Server:
         except ValueError:
             return response.status_code, response.text
 
+    def rss(self) -> int:
+        """Resident memory of the server's whole process tree (model processes included), in bytes."""
+        import psutil
+
+        total = 0
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     def stop(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

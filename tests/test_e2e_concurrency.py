@@ -9,21 +9,9 @@ from __future__ import annotations
 import re
 import time
 
-import psutil
 import pytest
 
 from load import CASES, check, expected_answers, load_round, run
-
-
-def tree_rss(pid: int) -> int:
-    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +31,9 @@ def test_32_concurrent_mixed_requests_equal_raw_transformers(server, chat_uid, e
         assert len(results) == 32
         check(results, expected)
         if round_ == 0:
-            after_first = tree_rss(server.proc.pid)
+            after_first = server.rss()
     # The same load again holds no more memory than the first time (no leak per request).
-    assert tree_rss(server.proc.pid) <= after_first + 64 * 2**20
+    assert server.rss() <= after_first + 64 * 2**20
     # The model still answers on its own afterwards.
     assert run(server, chat_uid, "text only")[1] == expected["text only"][0]
 

@@ -313,17 +313,6 @@ def test_a_body_over_the_read_limit_is_a_413(server, allow_chat):
 # -- many requests at once -------------------------------------------------------------------
 
 
-def tree_rss(server) -> int:
-    total = 0
-    root = psutil.Process(server.proc.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def stream_text(client, endpoint, body) -> str:
     """The concatenated deltas of a streamed chat answer; an error event fails."""
     text = ""
@@ -396,7 +385,7 @@ def test_concurrent_mixed_requests(server, images_server, reference, allow_chat)
 
     round_()  # warm-up: the allocator and caches reach their working size
     time.sleep(2)
-    baseline = tree_rss(server)
+    baseline = server.rss()
     started = time.monotonic()
     for _ in range(2):
         outcomes = round_()
@@ -410,7 +399,7 @@ def test_concurrent_mixed_requests(server, images_server, reference, allow_chat)
     # Memory comes back near its baseline (bounded wait, no wall-clock assertion on speed).
     limit = baseline + max(150 * 2**20, baseline // 10)
     deadline = time.monotonic() + 30
-    while (after := tree_rss(server)) > limit and time.monotonic() < deadline:
+    while (after := server.rss()) > limit and time.monotonic() < deadline:
         time.sleep(1)
     print(f"\nconcurrency: 2 rounds x {len(mix)} requests in {elapsed:.1f}s; RSS of the server tree "
           f"{baseline / 2**20:.0f} MiB before, {after / 2**20:.0f} MiB after")

@@ -139,7 +139,8 @@ class _Mllama:
         sampling = request_sampling(config, self._policy)
         inputs = await asyncio.to_thread(self._inputs, prompt)
         prompt_ids = inputs["input_ids"]
-        kwargs = self._generate_kwargs(sampling, int(prompt_ids.shape[1]))
+        prompt_tokens = int(prompt_ids.shape[1])
+        kwargs = self._generate_kwargs(sampling, prompt_tokens)
         processors, do_sample = sampler(self._model, kwargs, prompt_ids)
         seq = Sequence(
             inputs=inputs, max_new_tokens=kwargs["max_new_tokens"], stop_ids=set(kwargs["eos_token_id"]),
@@ -147,7 +148,7 @@ class _Mllama:
             ids=prompt_ids[0].tolist(),
         )
         self._scheduler.submit(seq)
-        return sampling, int(prompt_ids.shape[1]), self._text(seq, sampling)
+        return sampling, prompt_tokens, self._text(seq, sampling)
 
     async def _text(self, seq: Sequence, sampling: Sampling):
         detok = Detokenizer(

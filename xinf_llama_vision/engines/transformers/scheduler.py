@@ -142,9 +142,6 @@ class Scheduler:
         self._inbox.put(None)
         self._thread.join(timeout=60)
 
-    def stats(self) -> Dict[str, int]:
-        return {"running": len(self._running), "waiting": len(self._waiting) + self._inbox.qsize()}
-
     # -- the thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while not self._closed:
