@@ -1,6 +1,7 @@
 """The decode batch on its own: rows that join and leave at different steps (images with different
-tile counts, two images, text only, base prompts) each produce exactly the token ids that unbatched
-raw ``generate`` produces for them, and a row dropped mid-way changes nobody else's answer."""
+tile counts, two images, text only, base prompts), some prefilled together, each produce exactly the
+token ids that unbatched raw ``generate`` produces for them, and a row dropped mid-way changes
+nobody else's answer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from oracle import png
 from parity import BLUE, RED
-from xinf_llama_vision.engines.transformers.batch import DecodeBatch, image_keys_mask, prefill
+from xinf_llama_vision.engines.transformers.batch import DecodeBatch, image_keys_mask, prefill, prefill_key
 
 WIDE = png((20, 200, 20), size=(200, 50))
 
@@ -20,7 +21,9 @@ def chat(reference, images, question):
 
 @pytest.fixture(scope="module")
 def cases(reference):
-    """(prompt, images, tokens to generate, step at which it joins)."""
+    """(prompt, images, tokens to generate, step at which it joins). Rows joining at one step with
+    the same image shape are prefilled together: 0 and 6 (one image, different lengths), 1 and 7
+    (text only, different lengths), 4 and 5 apart (one image, one not)."""
     return [
         (*chat(reference, [RED], "What is this?"), 14, 0),
         (*chat(reference, [], "Write a haiku about the sea."), 10, 0),
@@ -28,6 +31,8 @@ def cases(reference):
         (*chat(reference, [WIDE], "Describe it in detail please, with many words."), 6, 3),
         ("<|image|><|begin_of_text|>If I had to", [RED], 12, 5),
         ("<|begin_of_text|>Once upon a time", [], 20, 5),
+        (*chat(reference, [WIDE], "And this one, in a few more words than the first?"), 9, 0),
+        ("<|begin_of_text|>The", [], 11, 0),
     ]
 
 
@@ -36,11 +41,12 @@ def run_batch(reference, cases, drop=None):
     model = reference.model
     batch, rows, out, step = DecodeBatch(model), [], {}, 0
     while len(out) + (drop is not None) < len(cases):
-        for i, (prompt, images, n, join) in enumerate(cases):
-            if join == step:
-                inputs = reference.inputs(prompt, images)
-                logits, cache = prefill(model, inputs)
-                batch.add(cache, inputs["input_ids"].shape[1], image_keys_mask(model, inputs.get("cross_attention_mask")))
+        joining = [(i, reference.inputs(prompt, images)) for i, (prompt, images, _, join) in enumerate(cases)
+                   if join == step]
+        for key in dict.fromkeys(prefill_key(inputs) for _, inputs in joining):
+            group = [(i, inputs) for i, inputs in joining if prefill_key(inputs) == key]
+            for (i, inputs), (logits, layers, length) in zip(group, prefill(model, [x for _, x in group])):
+                batch.add(layers, length, image_keys_mask(model, inputs.get("cross_attention_mask")))
                 rows.append((i, [int(logits.argmax(-1))]))
         step += 1
         if len(batch):
@@ -76,8 +82,8 @@ def test_the_batch_pads_only_what_its_rows_need(reference, cases):
     batch = DecodeBatch(model)
     for prompt, images, _, _ in (cases[2], cases[5]):  # a long two-image prompt, then a short text-only one
         inputs = reference.inputs(prompt, images)
-        _, cache = prefill(model, inputs)
-        batch.add(cache, inputs["input_ids"].shape[1], image_keys_mask(model, inputs.get("cross_attention_mask")))
+        [(_, layers, length)] = prefill(model, [inputs])
+        batch.add(layers, length, image_keys_mask(model, inputs.get("cross_attention_mask")))
     assert batch.pads[0] == 0 and batch.pads[1] > 0
     assert batch.cache.get_seq_length(model.config.text_config.cross_attention_layers[0]) > 0
     batch.remove([0])

@@ -11,9 +11,11 @@ So this module keeps the batch, and :mod:`.scheduler` the requests.
 
 How each row stays exactly itself (the parity the tests check against unbatched ``generate``):
 
-* **Prefill runs alone** (:func:`prefill`): the tokens before a prompt's first ``<|image|>`` see a
-  fully masked cross-attention row, which Mllama turns into uniform attention over the row's own
-  image keys; padding those keys for a batch would change that average.
+* **Prefill** (:func:`prefill`) batches only prompts whose images have the same shape (or that have
+  none), right-padded: the tokens before a prompt's first ``<|image|>`` see a fully masked
+  cross-attention row, which Mllama turns into uniform attention over the row's own image keys, so
+  padding those keys would change that average; right padding of the text is invisible to a
+  prompt's own tokens under the causal mask.
 * **Self-attention**: rows are left-padded to a common length, masked out, and given their own
   ``position_ids``.
 * **Cross-attention**: image keys and values are right-padded with zeros to the longest row and
@@ -25,7 +27,7 @@ How each row stays exactly itself (the parity the tests check against unbatched 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,14 +67,51 @@ def image_keys_mask(model, cross_attention_mask: Optional[torch.Tensor]) -> Opti
     return last.repeat_interleave(model.model.vision_model.num_patches)
 
 
+def prefill_key(inputs) -> Optional[Tuple[int, ...]]:
+    """Prompts with the same key can be prefilled together: the shape of their images (the processor
+    pads every image to the same tiles), ``None`` for text-only prompts."""
+    pixels = inputs.get("pixel_values")
+    return None if pixels is None else tuple(pixels.shape)
+
+
 @torch.no_grad()
-def prefill(model, inputs) -> Tuple[torch.Tensor, object]:
-    """One prompt alone, as ``generate``'s first step: ``(float32 logits of the last token, cache)``."""
+def prefill(model, group: Sequence[Any]) -> List[Tuple[torch.Tensor, List[KV], int]]:
+    """Prompts of one :func:`prefill_key`, right-padded into one forward pass: for each, ``(float32
+    logits of its last token, its cache layers, its length)``, what ``generate``'s first step gives it alone.
+
+    Right padding keeps each prompt exactly itself: its tokens come first, so the causal mask hides
+    the padding from them, and its image keys are as long as every other row's (same image shape)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    out = model(**inputs, past_key_values=cache, use_cache=True)
-    return out.logits[:, -1, :].to(dtype=torch.float32), out.past_key_values
+    F = torch.nn.functional
+    lengths = [int(x["input_ids"].shape[1]) for x in group]
+    width = max(lengths)
+    pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
+
+    def padded(name: str, value: int = 0) -> torch.Tensor:
+        rows = [x[name] for x in group]
+        # pad the text dimension (1) at its end; the others stay
+        return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]), value=value) for t in rows])
+
+    batch = {"input_ids": padded("input_ids", pad_id), "attention_mask": padded("attention_mask")}
+    if prefill_key(group[0]) is not None:
+        batch["cross_attention_mask"] = padded("cross_attention_mask")
+        for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+            batch[name] = torch.cat([x[name] for x in group])
+    out = model.model(**batch, past_key_values=DynamicCache(), use_cache=True)
+    last = out.last_hidden_state[torch.arange(len(group)), torch.tensor(lengths) - 1]
+    logits = model.lm_head(last).to(dtype=torch.float32)
+    text = model.config.text_config
+    layers = cache_layers(out.past_key_values, text.num_hidden_layers)
+    cross = set(text.cross_attention_layers)
+    rows = []
+    for r, length in enumerate(lengths):
+        own = [None if kv is None else
+               (kv[0][r : r + 1], kv[1][r : r + 1]) if i in cross else
+               (kv[0][r : r + 1, :, :length], kv[1][r : r + 1, :, :length])
+               for i, kv in enumerate(layers)]
+        rows.append((logits[r], own, length))
+    return rows
 
 
 def _pad(t: torch.Tensor, left: int = 0, right: int = 0) -> torch.Tensor:
@@ -105,9 +144,9 @@ class DecodeBatch:
     def _cross_width(self) -> int:
         return max((len(m) for m in self.image_keys if m is not None), default=0)
 
-    def add(self, cache, length: int, image_keys: Optional[torch.Tensor]) -> None:
-        """Join a row prefilled alone (its ``cache`` holds ``length`` tokens)."""
-        layers, new = self._layers(), cache_layers(cache, self.n_layers)
+    def add(self, new: List[KV], length: int, image_keys: Optional[torch.Tensor]) -> None:
+        """Join a prefilled row (its cache ``new`` holds ``length`` tokens)."""
+        layers = self._layers()
         width, row_width = self._width(), length
         target = max(width, row_width)
         cross_target = max(self._cross_width(), 0 if image_keys is None else len(image_keys))

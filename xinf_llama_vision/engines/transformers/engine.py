@@ -25,7 +25,7 @@ from ...messages import Prompt
 from ...registration import serves
 from ...validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling
 from ..common import context_length, launched, output_room
-from .scheduler import Scheduler, Sequence, sampler
+from .scheduler import Scheduler, Sequence
 
 
 def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
@@ -138,15 +138,9 @@ class _Mllama:
         the events being ``(new_text, tokens_so_far, finish_reason)``."""
         sampling = request_sampling(config, self._policy)
         inputs = await asyncio.to_thread(self._inputs, prompt)
-        prompt_ids = inputs["input_ids"]
-        prompt_tokens = int(prompt_ids.shape[1])
+        prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs = self._generate_kwargs(sampling, prompt_tokens)
-        processors, do_sample = sampler(self._model, kwargs, prompt_ids)
-        seq = Sequence(
-            inputs=inputs, max_new_tokens=kwargs["max_new_tokens"], stop_ids=set(kwargs["eos_token_id"]),
-            processors=processors, do_sample=do_sample, loop=asyncio.get_running_loop(),
-            ids=prompt_ids[0].tolist(),
-        )
+        seq = Sequence.create(self._model, inputs, kwargs, asyncio.get_running_loop())
         self._scheduler.submit(seq)
         return sampling, prompt_tokens, self._text(seq, sampling)
 

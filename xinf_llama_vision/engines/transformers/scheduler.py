@@ -8,9 +8,10 @@ The thread is the only code that touches the model. Requests talk to it through 
 seven concurrent streams used to hang a 2-core machine: every ``asyncio.to_thread`` worker
 waited for a token that only another worker could produce).
 
-Each step: admit waiting requests while the batch has room (each prefilled alone, see
-:mod:`.batch`), drop rows whose clients are gone, then one decode step for every row, with each
-row's own logits processors and random generator (those of ``generate`` for that request).
+Each step: admit waiting requests while the batch has room (prefilled together where their images
+have one shape, see :mod:`.batch`), drop rows whose clients are gone, then one decode step for
+every row, each row choosing its token with its own logits processors (those ``generate`` would
+use for that request).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from .batch import DecodeBatch, image_keys_mask, prefill
+from .batch import DecodeBatch, image_keys_mask, prefill, prefill_key
 
 #: Under Xinference's logger, so these lines reach the server's log with its own (model process: INFO).
 logger = logging.getLogger("xinference.model.llm.xinf_llama_vision")
@@ -66,6 +67,16 @@ class Sequence:
     generated: int = 0
     finished: bool = False
     cancelled: Optional[str] = None  # why the row must leave early
+
+    @classmethod
+    def create(cls, model, inputs, generate_kwargs: Dict[str, Any], loop: asyncio.AbstractEventLoop) -> "Sequence":
+        """One request for ``model``: its processed ``inputs`` and the ``generate`` options it would run with
+        (``max_new_tokens`` and ``eos_token_id`` set)."""
+        prompt_ids = inputs["input_ids"]
+        processors, do_sample = sampler(model, generate_kwargs, prompt_ids)
+        return cls(inputs=inputs, max_new_tokens=generate_kwargs["max_new_tokens"],
+                   stop_ids=set(generate_kwargs["eos_token_id"]), processors=processors, do_sample=do_sample,
+                   loop=loop, ids=prompt_ids[0].tolist())
 
     def cancel(self, why: str = "the client went away") -> None:
         """The caller is gone (hung up, aborted) or has all it wants: leave the batch at the next step."""
@@ -169,22 +180,28 @@ class Scheduler:
             pass
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.max_num_seqs and not self._closed:
+        """Waiting requests, as many as the batch has room for, prefilled in groups of one image shape."""
+        admitted: List[Sequence] = []
+        while self._waiting and len(self._running) + len(admitted) < self.max_num_seqs:
             seq = self._waiting.pop(0)
-            if seq.cancelled:
-                continue
+            if seq.cancelled is None:
+                admitted.append(seq)
+        groups: Dict[Any, List[Sequence]] = {}
+        for seq in admitted:
+            groups.setdefault(prefill_key(seq.inputs), []).append(seq)
+        for group in groups.values():
             try:
-                logits, cache = prefill(self.model, seq.inputs)
-                _, finish = seq.choose(logits[0])
+                rows = prefill(self.model, [seq.inputs for seq in group])
             except Exception as error:
                 logger.exception("prefill failed")
-                seq.fail(error)
+                for seq in group:
+                    seq.fail(error)
                 continue
-            if finish is None:
-                length = int(seq.inputs["input_ids"].shape[1])
-                self._batch.add(cache, length, image_keys_mask(self.model, seq.inputs.get("cross_attention_mask")))
-                self._running.append(seq)
-            seq.inputs = None  # pixel values are in the cache now
+            for seq, (logits, layers, length) in zip(group, rows):
+                if seq.choose(logits)[1] is None:
+                    self._batch.add(layers, length, image_keys_mask(self.model, seq.inputs.get("cross_attention_mask")))
+                    self._running.append(seq)
+                seq.inputs = None  # pixel values are in the cache now
 
     def _step(self) -> None:
         gone = [i for i, seq in enumerate(self._running) if seq.cancelled]
