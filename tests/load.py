@@ -4,6 +4,7 @@ stage): the cases, their expected answers from unbatched raw transformers, and o
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, NamedTuple, Optional
 
 from oracle import data_uri, png
 from parity import BLUE, RED
@@ -28,27 +29,37 @@ CASES = {
 }
 
 
-def expected_answers(reference, max_tokens=None):
-    """Raw transformers, one request at a time, greedy: the answer each case must get under load
-    (``max_tokens``: name → a shorter answer for some cases, as :func:`run` is told too)."""
+class Expected(NamedTuple):
+    """What a case must get under load, and the request options to ask for it with."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: Optional[int]  # None where a stop string cut the answer
+    finish_reason: str
+    options: Dict[str, Any]
+
+
+def expected_answers(reference, max_tokens=None) -> Dict[str, Expected]:
+    """Raw transformers, one request at a time, greedy: each case's :class:`Expected`
+    (``max_tokens``: name → a shorter answer for some cases)."""
     out = {}
     for name, (messages, images, options) in CASES.items():
         if name == "hang-up":
             continue
-        n_max = (max_tokens or {}).get(name, options["max_tokens"])
-        text, prompt_tokens, n = reference.generate(reference.render(messages), images, n_max)
-        finish = "length" if n == n_max else "stop"
+        options = dict(options, max_tokens=(max_tokens or {}).get(name, options["max_tokens"]))
+        text, prompt_tokens, n = reference.generate(reference.render(messages), images, options["max_tokens"])
+        finish = "length" if n == options["max_tokens"] else "stop"
         if options.get("stop"):
             # The stop string must cut this answer inside (else the case would test nothing): "?" if
             # it occurs after the start, else the first visible character from the middle on that
-            # first occurs there. The case's requests are sent with it.
+            # first occurs there.
             stop = "?"
             if text.find(stop) < 1:
                 middle = [c for i, c in enumerate(text) if i >= len(text) // 2 and text.index(c) == i]
                 stop = next(c for c in middle if not c.isspace() and c != "\ufffd")
-            CASES[name][2]["stop"] = stop
+            options["stop"] = stop
             text, n, finish = text[: text.index(stop)], None, "stop"  # tokens up to the match: not counted here
-        out[name] = (text, prompt_tokens, n, finish)
+        out[name] = Expected(text, prompt_tokens, n, finish, options)
     return out
 
 
@@ -66,13 +77,13 @@ def tokens_far_from_ties(reference, name: str, margin: float) -> int:
     return next((i for i, gap in enumerate(gaps) if gap < margin), len(gaps))
 
 
-def run(server, uid, name, stream=None, max_tokens=None):
-    messages, _, options = CASES[name]
-    options = {"temperature": 0, **options}
+def run(server, uid, name, options=None, stream=None):
+    """One request of case ``name`` (with ``options``, default the case's own): ``(name, text,
+    (prompt_tokens, completion_tokens), finish_reason)``; a "hang-up" stream is closed after one chunk."""
+    messages, _, case_options = CASES[name]
+    options = {"temperature": 0, **(options or case_options)}
     if stream is not None:
         options["stream"] = stream
-    if max_tokens and name in max_tokens:
-        options["max_tokens"] = max_tokens[name]
     if options.get("stream"):
         options["stream_options"] = {"include_usage": True}
     client = server.openai()
@@ -92,12 +103,13 @@ def run(server, uid, name, stream=None, max_tokens=None):
     return name, text, (usage.prompt_tokens, usage.completion_tokens), finish[0] if len(finish) == 1 else finish
 
 
-def load_round(server, uid, names, n=32, stream=None, max_tokens=None):
-    """``n`` requests at once, cycling through ``names`` (``stream`` and ``max_tokens``, name → tokens,
-    override the cases' own): ``[(name, text, (prompt_tokens, completion_tokens), finish_reason)]``."""
+def load_round(server, uid, expected, names, n=32, stream=None):
+    """``n`` requests at once, cycling through ``names``, each with the options ``expected`` (from
+    :func:`expected_answers`) was computed for (``stream`` overrides): what :func:`run` returns."""
     names = [names[i % len(names)] for i in range(n)]
     with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(lambda name: run(server, uid, name, stream, max_tokens), names))
+        return list(pool.map(lambda name: run(server, uid, name, getattr(expected.get(name), "options", None), stream),
+                             names))
 
 
 def check(results, expected, compared=None):
@@ -107,7 +119,7 @@ def check(results, expected, compared=None):
         if name == "hang-up" or (compared is not None and name not in compared):
             assert name == "hang-up" or text is not None
             continue
-        want_text, want_prompt, want_completion, want_finish = expected[name]
-        assert (text, finish, usage[0]) == (want_text, want_finish, want_prompt), name
-        if want_completion is not None:
-            assert usage[1] == want_completion, name
+        want = expected[name]
+        assert (text, finish, usage[0]) == (want.text, want.finish_reason, want.prompt_tokens), name
+        if want.completion_tokens is not None:
+            assert usage[1] == want.completion_tokens, name

@@ -27,7 +27,7 @@ def expected(reference):
 
 def test_32_concurrent_mixed_requests_equal_raw_transformers(server, chat_uid, expected):
     for round_ in range(2):
-        results = load_round(server, chat_uid, list(CASES))
+        results = load_round(server, chat_uid, expected, list(CASES))
         assert len(results) == 32
         check(results, expected)
         if round_ == 0:
@@ -35,7 +35,7 @@ def test_32_concurrent_mixed_requests_equal_raw_transformers(server, chat_uid, e
     # The same load again holds no more memory than the first time (no leak per request).
     assert server.rss() <= after_first + 64 * 2**20
     # The model still answers on its own afterwards.
-    assert run(server, chat_uid, "text only")[1] == expected["text only"][0]
+    assert run(server, chat_uid, "text only", expected["text only"].options)[1] == expected["text only"].text
 
 
 def test_clients_that_hang_up_leave_the_batch(server, launched, expected):
@@ -45,7 +45,7 @@ def test_clients_that_hang_up_leave_the_batch(server, launched, expected):
     left = re.compile(r"a request left the batch after (\d+) of 2000 tokens: the client went away")
     before = len(left.findall(server.log.read_text()))
     run(server, uid, "hang-up")
-    assert run(server, uid, "text only")[1] == expected["text only"][0]
+    assert run(server, uid, "text only", expected["text only"].options)[1] == expected["text only"].text
     deadline = time.time() + 30
     while len(left.findall(server.log.read_text())) == before and time.time() < deadline:
         time.sleep(0.5)

@@ -29,12 +29,12 @@ def vllm_chat(server, vllm_launch):
 
 def test_8_concurrent_streams_through_vllm_equal_raw_transformers(server, vllm_chat, reference):
     lengths = {name: tokens_far_from_ties(reference, name, MARGIN) for name in NAMES if name != "hang-up"}
-    # The stop-string case is sent but not compared: its stop is picked from a cut answer, where
-    # vLLM's stop-string handling has not been checked yet (it failed once, unexplained).
+    # The stop-string case is sent but not compared: vLLM's answer to it differed in 2 of ~8 runs
+    # (not reproduced with its text printed; equal in every run that printed it).
     compared = {name for name, n in lengths.items() if n >= 2 and name != "wide image, stop string"}
     assert len(compared) >= 2, lengths
     max_tokens = {name: lengths[name] for name in compared}
     expected = expected_answers(reference, max_tokens)
-    results = load_round(server, vllm_chat, NAMES, n=8, stream=True, max_tokens=max_tokens)
+    results = load_round(server, vllm_chat, expected, NAMES, n=8, stream=True)
     assert len(results) == 8
     check(results, expected, compared)
