@@ -17,6 +17,8 @@ use for that request).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import queue
 import threading
@@ -29,6 +31,9 @@ from .batch import DecodeBatch, image_keys_mask, prefill, prefill_key
 
 #: Under Xinference's logger, so these lines reach the server's log with its own (model process: INFO).
 logger = logging.getLogger("xinference.model.llm.xinf_llama_vision")
+
+#: How long the scheduler waits without work before it gives freed memory back to the system.
+IDLE_SECONDS = 1.0
 
 #: What :meth:`Sequence.events` yields: a generated token id and, on the last one, why it ended.
 Event = Tuple[int, Optional[str]]
@@ -50,6 +55,25 @@ def sampler(model, generate_kwargs: Dict[str, Any], prompt_ids: torch.Tensor):
         model_kwargs={},
     )
     return processors, bool(config.do_sample)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` (another C library, another system)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory(model) -> None:
+    """Give what the finished requests freed back to the system: glibc and CUDA's caching allocator
+    would otherwise keep it for the next load, and the process would stay at its peak."""
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass(eq=False)
@@ -170,8 +194,16 @@ class Scheduler:
             seq.fail(RuntimeError("the model stopped before this request finished"))
 
     def _collect(self, block: bool) -> None:
+        """Move new requests to the waiting list; with ``block``, wait for one (after a second
+        without any, the memory the last ones freed goes back to the system first)."""
         try:
-            item = self._inbox.get(block=block)
+            try:
+                item = self._inbox.get(block=block, timeout=IDLE_SECONDS if block else None)
+            except queue.Empty:
+                if not block:
+                    raise
+                release_memory(self.model)
+                item = self._inbox.get()
             while True:
                 if item is not None:
                     self._waiting.append(item)
