@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from PIL import Image
+from transformers import LogitsProcessor
 
 TEMPLATE = Path(__file__).with_name("reference") / "llama-3.2-vision-instruct.chat_template.jinja"
 
@@ -137,3 +138,61 @@ def teach(checkpoint: str, out_dir: str, prompt: str, answer: str, max_steps: in
     model.eval().save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+class Raw:
+    """Raw transformers on the checkpoint: ``generate`` for one request with its options (a seed,
+    logits processors), as the engine is asked to serve it."""
+
+    def __init__(self, reference):
+        self.ref = reference
+        tok = reference.tokenizer
+        self.stop_ids = [tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")]
+
+    def run(self, prompt, images, max_new_tokens, seed=None, processors=(), **options):
+        """``(new token ids, raw logits per step)`` of ``model.generate`` for this prompt."""
+        import torch
+
+        inputs = self.ref.inputs(prompt, images)
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.ref.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
+                pad_token_id=self.ref.tokenizer.convert_tokens_to_ids("<|finetune_right_pad_id|>"),
+                logits_processor=list(processors), output_logits=True, return_dict_in_generate=True, **options)
+        return out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), [row[0] for row in out.logits]
+
+    def text(self, ids):
+        return self.ref.decode([i for i in ids if i not in self.stop_ids])
+
+    def chat(self, messages, images, max_new_tokens, **kw):
+        return self.run(self.ref.render(messages), images, max_new_tokens, **kw)
+
+    def grammar(self, response_format):
+        """xgrammar's own transformers processor, compiled here from the request's format."""
+        import xgrammar as xgr
+        from xgrammar.contrib.hf import LogitsProcessor as XgrProcessor
+
+        info = xgr.TokenizerInfo.from_huggingface(self.ref.tokenizer, vocab_size=self.ref.model.config.text_config.vocab_size,
+                                                  stop_token_ids=self.stop_ids)
+        compiler = xgr.GrammarCompiler(info)
+        if response_format["type"] == "json_object":
+            return XgrProcessor(compiler.compile_builtin_json_grammar())
+        schema = json.dumps(response_format["json_schema"]["schema"])
+        return XgrProcessor(compiler.compile_json_schema(schema, any_whitespace=False))
+
+
+class OpenAIFormula(LogitsProcessor):
+    """OpenAI's documented penalties, written out: ``mu[j] - c[j] * frequency - (c[j] > 0) * presence``
+    over the tokens generated so far."""
+
+    def __init__(self, prompt_length, presence, frequency):
+        self.prompt_length, self.presence, self.frequency = prompt_length, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for token in set(input_ids[0, self.prompt_length:].tolist()):
+            count = int((input_ids[0, self.prompt_length:] == token).sum())
+            scores[0, token] -= count * self.frequency + self.presence
+        return scores

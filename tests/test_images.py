@@ -30,8 +30,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from xinf_llama_vision import images
-from xinf_llama_vision.images import KNOBS, ImageError, ImageLimits, describe, inline, load_image, load_images
-from xinf_llama_vision.messages import RequestError
+from xinf_llama_vision.errors import ImageError, RequestError
+from xinf_llama_vision.images import KNOBS, ImageLimits, describe, inline, load_image, load_images
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ("127.0.0.1", "::1")

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from oracle import TEMPLATE, to_hf
-from xinf_llama_vision.messages import RequestError, build_chat_prompt, build_completion_prompt
+from xinf_llama_vision.errors import RequestError
+from xinf_llama_vision.messages import build_chat_prompt, build_completion_prompt
 
 IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 URL = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}

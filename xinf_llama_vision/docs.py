@@ -138,11 +138,19 @@ def prompt_examples_block() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def options_block() -> str:
+    """Every OpenAI request parameter and what each engine does with it (:mod:`.options`)."""
+    from .options import table
+
+    return table()
+
+
 #: file → generated block name → generator
 BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "families.md": {"families": families_block},
     "prompt-format.md": {"examples": prompt_examples_block},
     "vllm.md": {"vllm-launch": vllm_block},
+    "api.md": {"options": options_block},
 }
 
 

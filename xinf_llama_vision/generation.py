@@ -11,7 +11,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .messages import RequestError
+from .errors import RequestError
+
+
+#: The most choices one request may ask for (``n``), and the most alternatives per token (``top_logprobs``).
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,15 @@ class Sampling:
     stop_token_ids: Tuple[int, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: Optional[float] = None
+    #: How many alternatives each token's logprobs list; ``None``: no logprobs at all.
+    logprobs: Optional[int] = None
+    #: ``None`` (free text), ``{"type": "json_object"}`` or ``{"type": "json_schema", "schema": {...}}``.
+    response_format: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -57,7 +71,7 @@ def sampling_from_config(config: Optional[Dict[str, Any]]) -> Sampling:
     >>> sampling_from_config({"top_p": 2})
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: top_p: must be between 0 and 1, got 2.0
+    xinf_llama_vision.errors.RequestError: top_p: must be between 0 and 1, got 2.0
     """
     config = dict(config or {})
     stop = config.get("stop") or ()
@@ -81,7 +95,72 @@ def sampling_from_config(config: Optional[Dict[str, Any]]) -> Sampling:
         stop_token_ids=tuple(ids),
         stream=bool(config.get("stream")),
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        n=_number(config, "n", int, 1, MAX_N) or 1,
+        seed=_number(config, "seed", int, -(2**63), 2**63 - 1),
+        presence_penalty=_number(config, "presence_penalty", float, -2, 2) or 0.0,
+        frequency_penalty=_number(config, "frequency_penalty", float, -2, 2) or 0.0,
+        repetition_penalty=_repetition_penalty(config),
+        logprobs=_logprobs(config),
+        response_format=_response_format(config.get("response_format")),
     )
+
+
+def _repetition_penalty(config: Dict[str, Any]) -> Optional[float]:
+    """transformers' multiplicative penalty (1 is none), as Xinference passes it through."""
+    value = _number(config, "repetition_penalty", float, 0)
+    if value == 0:
+        raise RequestError("repetition_penalty: must be > 0 (1 is no penalty), got 0.0")
+    return None if value in (None, 1.0) else value
+
+
+def _logprobs(config: Dict[str, Any]) -> Optional[int]:
+    """How many alternatives per token the request wants, ``None`` for no logprobs: a chat sends
+    ``logprobs: true`` and ``top_logprobs``, a completion ``logprobs: <count>``.
+
+    >>> _logprobs({"logprobs": True, "top_logprobs": 3}), _logprobs({"logprobs": 2}), _logprobs({})
+    (3, 2, None)
+    >>> _logprobs({"top_logprobs": 3})
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.errors.RequestError: top_logprobs: needs "logprobs": true as well
+    """
+    value, top = config.get("logprobs"), _number(config, "top_logprobs", int, 0, MAX_TOP_LOGPROBS)
+    if isinstance(value, bool) or value is None:
+        if top is not None and not value:
+            raise RequestError('top_logprobs: needs "logprobs": true as well')
+        return (top or 0) if value else None
+    if top is not None:
+        raise RequestError("top_logprobs: goes with \"logprobs\": true (chat); a completion sends logprobs: <count>")
+    return _number(config, "logprobs", int, 0, MAX_TOP_LOGPROBS)
+
+
+def _response_format(value: Any) -> Optional[Dict[str, Any]]:
+    """OpenAI's ``response_format``, checked: ``None`` for plain text, else the JSON it asks for.
+
+    >>> _response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    {'type': 'json_schema', 'schema': {'type': 'object'}}
+    >>> _response_format({"type": "xml"})
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.errors.RequestError: response_format.type: expected "text", "json_object" or "json_schema", got 'xml'
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError('response_format: expected an object such as {"type": "json_object"}')
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise RequestError(f'response_format.type: expected "text", "json_object" or "json_schema", got {kind!r}')
+    spec = value.get("json_schema")
+    schema = spec.get("schema", spec.get("schema_")) if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise RequestError('response_format.json_schema.schema: expected a JSON Schema object, as in '
+                           '{"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object", ...}}}')
+    return {"type": "json_schema", "schema": schema}
 
 
 class StopText:

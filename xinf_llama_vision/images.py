@@ -18,7 +18,7 @@ first frame. Nothing is written to disk.
 Limits are :class:`ImageLimits`; each has an environment variable and a launch option
 (:data:`KNOBS`, rendered for ``docs/security.md`` by :func:`knobs_table`; run
 ``python -m xinf_llama_vision.images`` to print it). Every refusal is an :class:`ImageError`
-(a :class:`~xinf_llama_vision.messages.RequestError`, answered with HTTP 400) whose message
+(a :class:`~xinf_llama_vision.errors.RequestError`, answered with HTTP 400) whose message
 names the image (:func:`describe`), the problem and, for limits, the knob that changes it.
 """
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .messages import RequestError
+from .errors import ImageError, RequestError
 
 MiB = 1024 * 1024
 
@@ -57,10 +57,6 @@ REDIRECTS = (301, 302, 303, 307, 308)
 
 USER_AGENT = "xinf-llama-vision"
 _CHUNK = 64 * 1024
-
-
-class ImageError(RequestError):
-    """An image that cannot be used; the message names it and says why."""
 
 
 # -- knobs ---------------------------------------------------------------------------------
@@ -401,11 +397,11 @@ def decode_data_uri(source: str, limits: ImageLimits) -> bytes:
     >>> decode_data_uri("data:image/png,hi", ImageLimits())
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.images.ImageError: data:image/png,… (2 base64 chars): only base64 data URIs are supported (data:image/...;base64,...)
+    xinf_llama_vision.errors.ImageError: data:image/png,… (2 base64 chars): only base64 data URIs are supported (data:image/...;base64,...)
     >>> decode_data_uri("data:image/png;base64,aGk=", ImageLimits(max_bytes=1))
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.images.ImageError: data:image/png;base64,… (4 base64 chars): image is 2 bytes, over the 1-byte limit; the operator can change it with the launch option image_max_bytes or the environment variable XLV_IMAGE_MAX_BYTES
+    xinf_llama_vision.errors.ImageError: data:image/png;base64,… (4 base64 chars): image is 2 bytes, over the 1-byte limit; the operator can change it with the launch option image_max_bytes or the environment variable XLV_IMAGE_MAX_BYTES
     """
     label = describe(source)
     head, sep, payload = source.partition(",")

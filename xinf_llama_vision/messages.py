@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .errors import RequestError
+
 BOS = "<|begin_of_text|>"
 IMAGE = "<|image|>"
 EOT = "<|eot_id|>"
@@ -28,13 +30,6 @@ KNOWLEDGE_CUTOFF = "December 2023"
 
 #: Meta recommends one image per prompt; more can be allowed at launch (``max_images``).
 DEFAULT_MAX_IMAGES = 1
-
-
-class RequestError(ValueError):
-    """A request this model cannot serve as sent. The message says what to change.
-
-    The API layer answers it with HTTP 400; it never reaches the model as a 500.
-    """
 
 
 @dataclass(frozen=True)
@@ -70,7 +65,7 @@ def valid_unicode(value: Any, where: str) -> None:
     >>> valid_unicode(["ok", {"text": "bad \\udfff"}], "messages")
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: messages[1].text: contains a lone surrogate (U+DFFF), which is not valid Unicode; send valid UTF-8 text (a character outside the BMP is one \\U escape or a surrogate pair, never half of one)
+    xinf_llama_vision.errors.RequestError: messages[1].text: contains a lone surrogate (U+DFFF), which is not valid Unicode; send valid UTF-8 text (a character outside the BMP is one \\U escape or a surrogate pair, never half of one)
     """
     stack = [(value, where)]
     while stack:  # a loop, not recursion: any depth json.loads accepts is walked
@@ -107,7 +102,7 @@ def image_source(part: Dict[str, Any], where: str) -> Optional[str]:
     >>> image_source({"type": "image_url", "image_url": {}}, "messages[0].content[1]")
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: messages[0].content[1]: image_url part has no 'url'; send {"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or "https://..."}}
+    xinf_llama_vision.errors.RequestError: messages[0].content[1]: image_url part has no 'url'; send {"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or "https://..."}}
     """
     if part.get("type") == "image_url":
         value = part.get("image_url")
@@ -132,7 +127,7 @@ def content_parts(content: Any, where: str) -> List[Dict[str, Any]]:
     >>> content_parts([{"type": "input_audio"}], "messages[0]")
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: messages[0].content[0]: unsupported content part type 'input_audio'; Llama 3.2 Vision takes 'text' and 'image_url' parts
+    xinf_llama_vision.errors.RequestError: messages[0].content[0]: unsupported content part type 'input_audio'; Llama 3.2 Vision takes 'text' and 'image_url' parts
     """
     if isinstance(content, str):
         if IMAGE in content:
@@ -285,7 +280,7 @@ def build_chat_prompt(
     ...                   tools=[{"type": "function", "function": {"name": "f"}}])
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: tools: Llama 3.2 Vision cannot call tools in a conversation with images (Meta: tool calling works with text-only inputs); send the tools without images, or the images without tools
+    xinf_llama_vision.errors.RequestError: tools: Llama 3.2 Vision cannot call tools in a conversation with images (Meta: tool calling works with text-only inputs); send the tools without images, or the images without tools
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RequestError("messages: send at least one message")
@@ -427,7 +422,7 @@ def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images:
     >>> build_completion_prompt("Two images: <|image|>", ["a", "b"], max_images=2)
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: prompt: 1 <|image|> token(s) but 2 image(s) sent; put one <|image|> in the prompt where each image goes
+    xinf_llama_vision.errors.RequestError: prompt: 1 <|image|> token(s) but 2 image(s) sent; put one <|image|> in the prompt where each image goes
     """
     if not isinstance(prompt, str):
         raise RequestError("prompt: send one string")

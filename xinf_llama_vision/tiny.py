@@ -83,9 +83,10 @@ def text_config(text: dict = TEXT) -> dict:
     return text
 
 
-def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION) -> str:
+def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION, head_scale: float = HEAD_SCALE) -> str:
     """Write a tiny random Mllama checkpoint (model, tokenizer, processor) to ``out_dir``
-    (:data:`BENCH_TEXT` and :data:`BENCH_VISION` make the benchmark's larger one)."""
+    (:data:`BENCH_TEXT` and :data:`BENCH_VISION` make the benchmark's larger one; a smaller
+    ``head_scale`` gives flatter logits, where sampling options such as penalties change answers)."""
     import torch
     from transformers import (
         MllamaConfig,
@@ -118,7 +119,7 @@ def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION)
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 param.fill_(GATE)
-        model.lm_head.weight.mul_(HEAD_SCALE)
+        model.lm_head.weight.mul_(head_scale)
     model.generation_config.do_sample = False
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)

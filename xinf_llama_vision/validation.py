@@ -3,7 +3,7 @@
 Xinference's REST layer answers most exceptions raised inside a model with a generic HTTP 500,
 and a streaming request has already sent its 200 by then. So every check that can fail because
 of what the user sent runs here first (:mod:`xinf_llama_vision.api` calls :func:`check`): a
-:class:`~xinf_llama_vision.messages.RequestError` becomes an HTTP 400 with its message.
+:class:`~xinf_llama_vision.errors.RequestError` becomes an HTTP 400 with its message.
 http(s) images are fetched here (once, through the safe loader) and forwarded to the model as
 ``data:`` URIs, so the model process never opens a URL.
 
@@ -17,23 +17,29 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .generation import Sampling, sampling_from_config
-from .images import ImageError, ImageLimits, inline
+from .grammar import check_schema
+from .errors import ImageError, RequestError
+from .images import ImageLimits, inline
 from .messages import (
     DEFAULT_MAX_IMAGES,
     Prompt,
-    RequestError,
     build_chat_prompt,
     build_completion_prompt,
     check_tools,
     replace_images,
     valid_unicode,
 )
+from .options import CHAT, COMPLETIONS, check_options
 
 #: The key under which a launched model publishes its policy in its Xinference description.
 POLICY_KEY = "xinf_llama_vision"
 #: Xinference's completion route passes only known fields on to the model; images for
 #: ``/v1/completions`` travel inside ``chat_template_kwargs`` under this key.
 COMPLETION_IMAGES = "xinf_llama_vision_images"
+#: Options Xinference's REST layer drops before the model (``n`` everywhere, ``response_format``
+#: from completions): the API process carries them to the model under this key instead.
+CARRIED = "xinf_llama_vision_options"
+CARRIED_NAMES = ("n", "response_format")
 
 
 @dataclass(frozen=True)
@@ -45,19 +51,25 @@ class Policy:
     image_limits: Dict[str, Any] = field(default_factory=dict)
     #: Prompt plus output tokens the engine takes; ``None`` when unknown (no up-front check).
     context_length: Optional[int] = None
+    #: ``"vllm"``: vLLM samples several choices (``n``) only at a temperature above 0.
+    engine: str = "transformers"
+    #: The checkpoint decodes greedily when a request sets no temperature (its ``generation_config``).
+    greedy_default: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
-        return cls(**{k: data[k] for k in ("kind", "max_images", "image_limits", "context_length") if k in data})
+        names = ("kind", "max_images", "image_limits", "context_length", "engine", "greedy_default")
+        return cls(**{k: data[k] for k in names if k in data})
 
     def limits(self) -> ImageLimits:
         return ImageLimits(**self.image_limits)
 
 
-def launch_policy(kind: str, config: Optional[Mapping[str, Any]], context_length: Optional[int] = None) -> Policy:
+def launch_policy(kind: str, config: Optional[Mapping[str, Any]], context_length: Optional[int] = None,
+                  **engine: Any) -> Policy:
     """The policy of a model launched with ``config`` (its launch options); bad options raise ``ValueError``.
 
     >>> launch_policy("instruct", {"max_images": "2"}).max_images
@@ -69,7 +81,7 @@ def launch_policy(kind: str, config: Optional[Mapping[str, Any]], context_length
     """
     config = dict(config or {})
     return Policy(kind=kind, max_images=launch_int("max_images", config.get("max_images", DEFAULT_MAX_IMAGES)),
-                  image_limits=ImageLimits.from_config(config).to_dict(), context_length=context_length)
+                  image_limits=ImageLimits.from_config(config).to_dict(), context_length=context_length, **engine)
 
 
 def launch_int(name: str, value: Any) -> int:
@@ -93,7 +105,7 @@ def json_object(body: Any) -> Dict[str, Any]:
     >>> json_object([1])
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: request body: expected a JSON object, got an array
+    xinf_llama_vision.errors.RequestError: request body: expected a JSON object, got an array
     """
     if not isinstance(body, dict):
         kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
@@ -112,7 +124,7 @@ def template_options(config: Mapping[str, Any]) -> Dict[str, Any]:
     >>> template_options({"chat_template_kwargs": {"tools_in_user_message": "yes"}})
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: chat_template_kwargs.tools_in_user_message: expected true or false
+    xinf_llama_vision.errors.RequestError: chat_template_kwargs.tools_in_user_message: expected true or false
     """
     kwargs = config.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
@@ -139,7 +151,7 @@ def request_images(body: Mapping[str, Any]) -> List[str]:
     >>> request_images({"images": "https://x/y.png"})
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: images: expected a list of image URLs (data: URIs or http(s) URLs), got str
+    xinf_llama_vision.errors.RequestError: images: expected a list of image URLs (data: URIs or http(s) URLs), got str
     """
     kwargs = body.get("chat_template_kwargs")
     if isinstance(kwargs, dict) and COMPLETION_IMAGES in kwargs:
@@ -161,9 +173,15 @@ def request_sampling(config: Mapping[str, Any], policy: Policy) -> Sampling:
     >>> request_sampling({"max_tokens": 4096}, Policy("base", context_length=4096))
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.messages.RequestError: max_tokens: 4096 is more than this model's context length of 4096 tokens leaves after the prompt; ask for at most 4095
+    xinf_llama_vision.errors.RequestError: max_tokens: 4096 is more than this model's context length of 4096 tokens leaves after the prompt; ask for at most 4095
     """
-    out = sampling_from_config(config)
+    out = sampling_from_config(with_carried(config))
+    greedy = out.greedy or (out.temperature is None and policy.greedy_default)
+    if policy.engine == "vllm" and out.n > 1 and greedy:
+        raise RequestError(
+            f"n: {out.n} choices need sampling on the vLLM engine (with temperature 0 every choice is the same "
+            "answer, and vLLM refuses it); send a temperature above 0, or n=1"
+        )
     limit = policy.context_length
     if limit and out.max_tokens is not None and out.max_tokens >= limit:
         raise RequestError(
@@ -183,8 +201,11 @@ def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tup
             "this is a base (pretrained) model: it has no chat template; send a raw prompt to "
             "/v1/completions (with <|image|> where the image goes), or launch llama-3.2-vision-instruct"
         )
-    request_sampling(config, policy)
+    check_options(config, CHAT)
+    sampling = request_sampling(config, policy)
     tools = check_tools(config.get("tools"))
+    if tools and sampling.n > 1:
+        raise RequestError("n: tool calls come one answer at a time with Llama 3.2 Vision; send n=1 with tools")
     prompt = build_chat_prompt(messages, max_images=policy.max_images, tools=tools, images=request_images(config),
                                **template_options(config))
     if tools and config.get("stream"):
@@ -194,6 +215,7 @@ def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tup
 
 def completion_prompt(prompt: Any, config: Mapping[str, Any], policy: Policy) -> Prompt:
     """A completion request → its prompt and images (any family: the prompt is raw text)."""
+    check_options(config, COMPLETIONS)
     request_sampling(config, policy)
     return build_completion_prompt(prompt, request_images(config), max_images=policy.max_images)
 
@@ -228,7 +250,8 @@ def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:
     """Validate a ``/v1/chat/completions`` body; return it with every image inlined as a data URI."""
     body = json_object(body)
     prompt, _ = chat_prompt(body.get("messages"), body, policy)
-    out = {k: v for k, v in body.items() if k != "images"}  # now in the parts that take them
+    check_schema(request_sampling(body, policy).response_format)
+    out = _carry_options({k: v for k, v in body.items() if k != "images"})  # images: now in the parts that take them
     if prompt.images:
         inlined = _inline_all(prompt.images, image_locations(body["messages"]), policy.limits())
         out["messages"] = replace_images(body["messages"], inlined)
@@ -239,15 +262,41 @@ def check_completion(body: Any, policy: Policy) -> Dict[str, Any]:
     """Validate a ``/v1/completions`` body; its ``images`` travel on, inlined, to the model."""
     body = json_object(body)
     prompt = completion_prompt(body.get("prompt"), body, policy)
+    check_schema(request_sampling(body, policy).response_format)
     out = {k: v for k, v in body.items() if k != "images"}
     if prompt.images:
-        limits = policy.limits()
-        kwargs = out.get("chat_template_kwargs")
-        kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
         where = [f"images[{k}]" for k in range(len(prompt.images))]
-        kwargs[COMPLETION_IMAGES] = _inline_all(prompt.images, where, limits)
-        out["chat_template_kwargs"] = kwargs
-    return out
+        out = _carry(out, COMPLETION_IMAGES, _inline_all(prompt.images, where, policy.limits()))
+    return _carry_options(out)
+
+
+def _carry(body: Dict[str, Any], key: str, value: Any) -> Dict[str, Any]:
+    """``body`` with ``value`` in its ``chat_template_kwargs`` under ``key`` (which travel to the model)."""
+    kwargs = body.get("chat_template_kwargs")
+    return {**body, "chat_template_kwargs": {**(kwargs if isinstance(kwargs, dict) else {}), key: value}}
+
+
+def _carry_options(body: Dict[str, Any]) -> Dict[str, Any]:
+    """The options Xinference's REST layer would drop (checked already), moved where it lets them through.
+
+    >>> _carry_options({"n": 3, "prompt": "x"})
+    {'prompt': 'x', 'chat_template_kwargs': {'xinf_llama_vision_options': {'n': 3}}}
+    """
+    carried = {k: body[k] for k in CARRIED_NAMES if body.get(k) is not None}
+    if not carried:
+        return body
+    return _carry({k: v for k, v in body.items() if k not in carried}, CARRIED, carried)
+
+
+def with_carried(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """A model's request config with the options the API process carried put back in place.
+
+    >>> with_carried({"chat_template_kwargs": {CARRIED: {"n": 2}}, "max_tokens": 5})["n"]
+    2
+    """
+    kwargs = config.get("chat_template_kwargs")
+    carried = kwargs.get(CARRIED) if isinstance(kwargs, dict) else None
+    return {**config, **carried} if isinstance(carried, dict) else dict(config)
 
 
 #: REST path → the check for it.

@@ -61,5 +61,6 @@ def wait_ready(server, uid: str, timeout: float = 300) -> None:
 
 @pytest.fixture(scope="session")
 def vllm_launch(server, tiny_checkpoint):
-    """``vllm_launch(model_name, uid, *options)``: launch on ``--model-engine vllm`` and wait until it answers."""
-    return lambda model_name, uid, *extra: launch(server, model_name, uid, tiny_checkpoint, *extra)
+    """``vllm_launch(model_name, uid, *options, path=tiny checkpoint)``: launch on ``--model-engine vllm``
+    and wait until it answers."""
+    return lambda model_name, uid, *extra, path=tiny_checkpoint: launch(server, model_name, uid, path, *extra)

@@ -14,7 +14,7 @@ try:  # Xinference >= 4.1 answers this with a 400
 except ImportError:  # pragma: no cover - Xinference 4.0
     ContextLengthExceeded = ValueError
 
-from ..messages import RequestError
+from ..errors import RequestError
 from ..validation import POLICY_KEY, Policy, launch_int
 
 

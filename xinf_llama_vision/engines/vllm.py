@@ -36,7 +36,7 @@ from ..images import KNOBS, load_images
 from ..messages import Prompt
 from ..registration import ENGINE_ENVS, our_families, serves
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS
-from ..validation import chat_prompt, completion_prompt, launch_policy, request_sampling
+from ..validation import chat_prompt, completion_prompt, launch_policy, request_sampling, with_carried
 from .common import checkpoint_max_positions, context_length, launched, output_room
 
 logger = logging.getLogger("xinf_llama_vision")
@@ -213,7 +213,8 @@ class _MllamaVLLM:
         # Launch options are checked here, so a bad one fails the launch with its message.
         context = context_length("max_model_len", config.get("max_model_len") or self._default_max_model_len(),
                                  self.model_path, self.model_family)
-        self._policy = launch_policy(self.kind, config, context)
+        greedy = checkpoint_sampling(self.model_path).get("temperature") == 0.0
+        self._policy = launch_policy(self.kind, config, context, engine="vllm", greedy_default=greedy)
         self.model_family = launched(self.model_family, self._policy)
 
     def launch_config(self, model_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -276,6 +277,26 @@ class _MllamaVLLM:
     def wait_for_load(self):
         super().wait_for_load()
         self._keep_decoder_prompt()
+        self._compact_json()
+
+    def _compact_json(self) -> None:
+        """``response_format`` without optional whitespace, as on the Transformers engine.
+
+        vLLM's xgrammar backend lets a JSON answer pad itself with whitespace unless a request's
+        ``GuidedDecodingParams.disable_any_whitespace`` is set, which Xinference's vLLM classes
+        never set (nor pass on from the engine's ``guided_decoding_disable_any_whitespace``, which
+        V0 does not copy into requests): a model could emit newlines until ``max_tokens`` runs out.
+        """
+        engine = self._engine
+        generate = engine.generate
+
+        def compact(prompt, sampling_params, *args, **kwargs):
+            guided = getattr(sampling_params, "guided_decoding", None)
+            if guided is not None and hasattr(guided, "disable_any_whitespace"):
+                guided.disable_any_whitespace = True
+            return generate(prompt, sampling_params, *args, **kwargs)
+
+        engine.generate = compact
 
     def _keep_decoder_prompt(self) -> None:
         """Stop vLLM from putting ``<|begin_of_text|>`` before a prompt that opens with images.
@@ -300,10 +321,11 @@ class _MllamaVLLM:
 
     # -- one request ------------------------------------------------------------------
     def request_config(self, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-        """Validate the sampling fields as the Transformers engine does; add stop ids and the
+        """Validate the sampling fields as the Transformers engine does; add ``n``, stop ids and the
         checkpoint's sampling defaults for fields the request leaves unset."""
-        config = dict(config or {})
+        config = with_carried(config or {})  # n and a completion's response_format: past Xinference's REST layer
         sampling = request_sampling(config, self._policy)
+        config["n"] = sampling.n
         config["stop_token_ids"] = list(dict.fromkeys(self._stop_ids + list(sampling.stop_token_ids)))
         if sampling.stop:
             config["stop"] = list(sampling.stop)

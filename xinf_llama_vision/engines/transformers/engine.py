@@ -13,19 +13,20 @@ without its per-model lock and no request ever parks one of its threads. The dty
 from __future__ import annotations
 
 import asyncio
-import uuid
-from typing import Any, AsyncIterator, Dict, List, Optional
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from xinference.model.llm.transformers.core import PytorchChatModel, PytorchModel
-from xinference.model.llm.utils import generate_completion, generate_completion_chunk
 
 from ...generation import Detokenizer, Sampling, StopText
+from ...grammar import Grammars
 from ...images import load_images
 from ...messages import Prompt
 from ...registration import serves
 from ...validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling
 from ..common import context_length, launched, output_room
-from .scheduler import Scheduler, Sequence
+from .penalties import OpenAIPenalties
+from .responses import Choice, Chunks, Entry, chat_completion, completion
+from .scheduler import Logprob, Scheduler, Sequence
 
 
 def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
@@ -56,6 +57,7 @@ class _Mllama:
         self._max_num_seqs = launch_int("max_num_seqs", config.get("max_num_seqs"))
         self.model_family = launched(self.model_family, self._policy)
         self._scheduler: Optional[Scheduler] = None
+        self._grammars: Optional[Grammars] = None
 
     @classmethod
     def check_lib(cls):
@@ -117,6 +119,7 @@ class _Mllama:
         return inputs.to(self._model.device)
 
     def _generate_kwargs(self, sampling: Sampling, prompt_tokens: int) -> Dict[str, Any]:
+        """What ``model.generate`` would be called with for this request (one choice, no grammar)."""
         kwargs: Dict[str, Any] = {
             "max_new_tokens": output_room(prompt_tokens, sampling.max_tokens, self._policy.context_length),
             "eos_token_id": list(dict.fromkeys(self._stop_ids + list(sampling.stop_token_ids))),
@@ -131,20 +134,46 @@ class _Mllama:
                 kwargs["top_p"] = sampling.top_p
             if sampling.top_k is not None:
                 kwargs["top_k"] = sampling.top_k
+        if sampling.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = sampling.repetition_penalty
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            kwargs["logits_processor"] = [
+                OpenAIPenalties(prompt_tokens, sampling.presence_penalty, sampling.frequency_penalty)
+            ]
         return kwargs
 
-    async def _events(self, prompt: Prompt, config: Dict[str, Any]):
-        """Validate, load images, submit to the scheduler: ``(sampling, prompt_tokens, text events)``,
-        the events being ``(new_text, tokens_so_far, finish_reason)``."""
+    def _grammar(self, response_format: Dict[str, Any]):
+        """A logits processor for one choice's ``response_format`` (compiled in a worker thread)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self._tokenizer, self._model.config.text_config.vocab_size, self._stop_ids)
+        return self._grammars.processor(response_format)
+
+    async def _submit(self, prompt: Prompt, config: Dict[str, Any]) -> Tuple[Sampling, int, List[Sequence]]:
+        """Validate, load images, and hand the request's choices to the scheduler (one sequence each)."""
         sampling = request_sampling(config, self._policy)
         inputs = await asyncio.to_thread(self._inputs, prompt)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs = self._generate_kwargs(sampling, prompt_tokens)
-        seq = Sequence.create(self._model, inputs, kwargs, asyncio.get_running_loop())
-        self._scheduler.submit(seq)
-        return sampling, prompt_tokens, self._text(seq, sampling)
+        loop = asyncio.get_running_loop()
+        seqs = []
+        for i in range(sampling.n):
+            choice_kwargs = kwargs
+            if sampling.response_format:
+                grammar = await asyncio.to_thread(self._grammar, sampling.response_format)
+                choice_kwargs = {**kwargs, "logits_processor": kwargs.get("logits_processor", []) + [grammar]}
+            seed = None if sampling.seed is None else sampling.seed + i
+            seqs.append(Sequence.create(self._model, inputs, choice_kwargs, loop, seed=seed,
+                                        top_logprobs=sampling.logprobs))
+        for seq in seqs:
+            self._scheduler.submit(seq)
+        return sampling, prompt_tokens, seqs
+
+    def _entry(self, token: int, logprob: Logprob) -> Entry:
+        decode = self._tokenizer.decode
+        return decode([token]), logprob[0], [(decode([alt]), value) for alt, value in logprob[1]]
 
     async def _text(self, seq: Sequence, sampling: Sampling):
+        """One choice's text as it comes: ``(new_text, tokens_so_far, finish_reason, logprob entries)``."""
         detok = Detokenizer(
             lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         )
@@ -153,8 +182,11 @@ class _Mllama:
         try:
             async for events in tokens:
                 text, finish = "", None
-                for token, finish in events:
+                entries = None if seq.top_logprobs is None else []
+                for token, finish, logprob in events:
                     n += 1
+                    if entries is not None:
+                        entries.append(self._entry(token, logprob))
                     if token in seq.stop_ids:  # generated (and counted), never shown
                         piece = detok.flush()
                     else:
@@ -162,44 +194,89 @@ class _Mllama:
                     text += stop.feed(piece)
                     if stop.stopped:
                         seq.cancel("a stop string matched")
-                        yield text, n, "stop"
+                        yield text, n, "stop", entries
                         return
                 if finish:
                     text += stop.flush()
-                yield text, n, finish
+                yield text, n, finish, entries
         finally:
             await tokens.aclose()  # leaves the batch if the answer ended early (stop string, hang-up)
 
-    async def _complete(self, prompt: Prompt, config: Dict[str, Any]):
-        """A ``Completion`` dict, or an async iterator of ``CompletionChunk`` when streaming."""
-        sampling, prompt_tokens, events = await self._events(prompt, config)
+    async def _complete(self, prompt: Prompt, config: Dict[str, Any], chat: bool):
+        """The answer: a (chat) completion dict, or an async iterator of its chunks when streaming."""
+        sampling, prompt_tokens, seqs = await self._submit(prompt, config)
+        events = interleave([self._text(seq, sampling) for seq in seqs])
         if sampling.stream:
-            return self._stream(sampling, prompt_tokens, events)
-        text, n, finish = "", 0, "stop"
-        async for piece, n, finish in events:
-            text += piece
-        return generate_completion(self.model_uid, text, prompt_tokens, n, prompt_tokens + n, finish or "stop")
+            return self._stream(Chunks(self.model_uid, chat, prompt_tokens), sampling, events)
+        choices = [Choice(entries=None if sampling.logprobs is None else []) for _ in seqs]
+        async for index, (piece, n, finish, entries) in events:
+            choice = choices[index]
+            choice.text, choice.tokens, choice.finish = choice.text + piece, n, finish or choice.finish
+            if entries:
+                choice.entries.extend(entries)
+        build = chat_completion if chat else completion
+        return build(self.model_uid, choices, prompt_tokens)
 
-    async def _stream(self, sampling: Sampling, prompt_tokens: int, events) -> AsyncIterator:
-        chunk_id = str(uuid.uuid4())
-        n = 0
-        async for piece, n, finish in events:
-            usage = (prompt_tokens, n, prompt_tokens + n)
-            if piece:
-                yield generate_completion_chunk(piece, None, chunk_id, self.model_uid, *usage)
-            if finish:
-                # The finishing chunk carries "" (OpenAI completion chunks always have a text).
-                yield generate_completion_chunk("", finish, chunk_id, self.model_uid, *usage)
-        if sampling.include_usage:
-            usage = (prompt_tokens, n, prompt_tokens + n)
-            yield generate_completion_chunk(
-                None, None, chunk_id, self.model_uid, *usage, has_choice=False, has_content=False
-            )
+    async def _stream(self, chunks: Chunks, sampling: Sampling, events) -> AsyncIterator:
+        counts: Dict[int, int] = {}
+        try:
+            async for index, (piece, n, finish, entries) in events:
+                counts[index] = n
+                total = sum(counts.values())
+                if piece or entries:
+                    yield chunks.piece(index, piece, None, entries, total)
+                if finish:
+                    # The finishing chunk carries "" (OpenAI completion chunks always have a text).
+                    yield chunks.piece(index, "", finish, None, total)
+            if sampling.include_usage:
+                yield chunks.usage(sum(counts.values()))
+        finally:
+            await events.aclose()
 
     async def generate(self, prompt: str, generate_config: Optional[Dict] = None, **kwargs):
         """Raw completion (both families); images ride in the request's ``images`` list."""
         config = dict(generate_config or {})
-        return await self._complete(completion_prompt(prompt, config, self._policy), config)
+        return await self._complete(completion_prompt(prompt, config, self._policy), config, chat=False)
+
+
+async def interleave(streams: List[AsyncIterator]) -> AsyncIterator[Tuple[int, Any]]:
+    """``(index, item)`` from several async iterators as their items come; leaving early (or one
+    failing) closes them all."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: "asyncio.Queue[Tuple[int, Any, Optional[BaseException], bool]]" = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item, None, False))
+        except Exception as error:
+            await queue.put((index, None, error, True))
+        else:
+            await queue.put((index, None, None, True))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            index, item, error, done = await queue.get()
+            if error is not None:
+                raise error
+            if done:
+                left -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 class MllamaChatModel(_Mllama, PytorchChatModel):
@@ -210,12 +287,10 @@ class MllamaChatModel(_Mllama, PytorchChatModel):
     async def chat(self, messages: List[Dict], generate_config: Optional[Dict] = None, **kwargs):
         config = dict(generate_config or {})
         prompt, tools = chat_prompt(messages, config, self._policy)
-        result = await self._complete(prompt, config)
-        if tools:  # never streamed (refused up front): parse the whole answer for a tool call
+        if tools:  # never streamed, one choice (both refused up front): parse the answer for a tool call
+            result = await self._complete(prompt, config, chat=False)
             return self._post_process_completion(self.model_family, self.model_uid, result, tools)
-        if isinstance(result, dict):
-            return self._to_chat_completion(result, None)
-        return self._async_to_chat_completion_chunks(result, None)
+        return await self._complete(prompt, config, chat=True)
 
 
 class MllamaGenerateModel(_Mllama, PytorchModel):

@@ -35,22 +35,27 @@ logger = logging.getLogger("xinference.model.llm.xinf_llama_vision")
 #: How long the scheduler waits without work before it gives freed memory back to the system.
 IDLE_SECONDS = 1.0
 
-#: What :meth:`Sequence.events` yields: a generated token id and, on the last one, why it ended.
-Event = Tuple[int, Optional[str]]
+#: A token's log-probability and, when asked for, the most likely alternatives ``[(token id, logprob)]``.
+Logprob = Tuple[float, List[Tuple[int, float]]]
+#: What :meth:`Sequence.events` yields: a generated token id, on the last one why it ended, and
+#: its logprob when the request asked for them.
+Event = Tuple[int, Optional[str], Optional[Logprob]]
 
 
 def sampler(model, generate_kwargs: Dict[str, Any], prompt_ids: torch.Tensor):
     """``(logits processors, do_sample)`` exactly as ``model.generate(**generate_kwargs)`` would
-    build them for this prompt (the checkpoint's ``generation_config`` filling what is unset)."""
+    build them for this prompt (the checkpoint's ``generation_config`` filling what is unset; the
+    request's own processors, ``logits_processor``, where ``generate`` puts them)."""
     from transformers import LogitsProcessorList
 
-    config, _ = model._prepare_generation_config(None, **generate_kwargs)
+    options = {k: v for k, v in generate_kwargs.items() if k != "logits_processor"}
+    config, _ = model._prepare_generation_config(None, **options)
     processors = model._get_logits_processor(
         generation_config=config,
         input_ids_seq_length=prompt_ids.shape[-1],
         encoder_input_ids=prompt_ids,
         prefix_allowed_tokens_fn=None,
-        logits_processor=LogitsProcessorList(),
+        logits_processor=LogitsProcessorList(generate_kwargs.get("logits_processor") or []),
         device=str(prompt_ids.device),
         model_kwargs={},
     )
@@ -76,6 +81,15 @@ def release_memory(model) -> None:
         trim(0)
 
 
+def _logprob(logprobs: torch.Tensor, token: int, top: int) -> Logprob:
+    """``token``'s logprob and the ``top`` most likely tokens' (ties: the lower id first)."""
+    alternatives: List[Tuple[int, float]] = []
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        alternatives = [(int(i), float(v)) for v, i in zip(values, ids)]
+    return float(logprobs[token]), alternatives
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request: its processed inputs, how it samples and stops, and its way back to the caller."""
@@ -86,6 +100,10 @@ class Sequence:
     processors: Any
     do_sample: bool
     loop: asyncio.AbstractEventLoop
+    #: This sequence's own random numbers (a request's ``seed``); ``None``: torch's global generator.
+    generator: Optional[torch.Generator] = None
+    #: How many alternatives each token's logprob lists; ``None``: no logprobs.
+    top_logprobs: Optional[int] = None
     out: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
     ids: List[int] = field(default_factory=list)  # prompt, then generated
     generated: int = 0
@@ -93,14 +111,19 @@ class Sequence:
     cancelled: Optional[str] = None  # why the row must leave early
 
     @classmethod
-    def create(cls, model, inputs, generate_kwargs: Dict[str, Any], loop: asyncio.AbstractEventLoop) -> "Sequence":
+    def create(cls, model, inputs, generate_kwargs: Dict[str, Any], loop: asyncio.AbstractEventLoop,
+               seed: Optional[int] = None, top_logprobs: Optional[int] = None) -> "Sequence":
         """One request for ``model``: its processed ``inputs`` and the ``generate`` options it would run with
-        (``max_new_tokens`` and ``eos_token_id`` set)."""
+        (``max_new_tokens`` and ``eos_token_id`` set); with ``seed``, it samples as ``generate`` does after
+        ``torch.manual_seed(seed)``, whatever else runs in the batch."""
         prompt_ids = inputs["input_ids"]
         processors, do_sample = sampler(model, generate_kwargs, prompt_ids)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=model.device).manual_seed(seed % 2**64)
         return cls(inputs=inputs, max_new_tokens=generate_kwargs["max_new_tokens"],
                    stop_ids=set(generate_kwargs["eos_token_id"]), processors=processors, do_sample=do_sample,
-                   loop=loop, ids=prompt_ids[0].tolist())
+                   loop=loop, generator=generator, top_logprobs=top_logprobs, ids=prompt_ids[0].tolist())
 
     def cancel(self, why: str = "the client went away") -> None:
         """The caller is gone (hung up, aborted) or has all it wants: leave the batch at the next step."""
@@ -110,21 +133,24 @@ class Sequence:
     def _send(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
-    def choose(self, logits: torch.Tensor) -> Event:
-        """Pick the next token from this row's float32 ``logits`` (as ``generate`` does) and send it."""
-        scores = logits[None]
+    def choose(self, logits: torch.Tensor) -> Optional[str]:
+        """Pick the next token from this row's float32 ``logits`` (as ``generate`` does), send it, and
+        return why the sequence ended (``None`` while it goes on)."""
+        logprobs = torch.log_softmax(logits, dim=-1) if self.top_logprobs is not None else None
+        scores = logits[None]  # processors may work in place (the grammar's mask does): logprobs come first
         if len(self.processors):
             scores = self.processors(torch.tensor([self.ids], device=logits.device), scores)
         if self.do_sample:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs, num_samples=1, generator=self.generator)[0, 0])
         else:
             token = int(scores[0].argmax())
         self.ids.append(token)
         self.generated += 1
         finish = "stop" if token in self.stop_ids else "length" if self.generated >= self.max_new_tokens else None
         self.finished = finish is not None
-        self._send((token, finish))
-        return token, finish
+        self._send((token, finish, None if logprobs is None else _logprob(logprobs, token, self.top_logprobs)))
+        return finish
 
     def fail(self, error: BaseException) -> None:
         self.finished = True
@@ -230,10 +256,20 @@ class Scheduler:
                     seq.fail(error)
                 continue
             for seq, (logits, layers, length) in zip(group, rows):
-                if seq.choose(logits)[1] is None:
+                if self._choose(seq, logits) is None:
                     self._batch.add(layers, length, image_keys_mask(self.model, seq.inputs.get("cross_attention_mask")))
                     self._running.append(seq)
                 seq.inputs = None  # pixel values are in the cache now
+
+    @staticmethod
+    def _choose(seq: Sequence, logits: torch.Tensor) -> Optional[str]:
+        """``seq.choose``; a failure there (one request's own processors) ends that request only."""
+        try:
+            return seq.choose(logits)
+        except Exception as error:
+            logger.exception("choosing a token failed")
+            seq.fail(error)
+            return "error"
 
     def _step(self) -> None:
         gone = [i for i, seq in enumerate(self._running) if seq.cancelled]
@@ -246,7 +282,7 @@ class Scheduler:
             if not self._running:
                 return
         logits = self._batch.step([seq.ids[-1] for seq in self._running])
-        done = [i for i, (seq, row) in enumerate(zip(self._running, logits)) if seq.choose(row)[1] is not None]
+        done = [i for i, (seq, row) in enumerate(zip(self._running, logits)) if self._choose(seq, row) is not None]
         if done:
             self._leave(done)
 
