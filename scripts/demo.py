@@ -52,6 +52,8 @@ def main() -> int:
     )
     log = open(work / "xinference.log", "w")
     print(f"starting xinference-local on {endpoint} (log: {log.name}) ...", flush=True)
+    print("authentication is OFF for this one-command demo (XINFERENCE_AUTH_ADVANCED=false); a real server "
+          "keeps Xinference's default (on): see README, 'With authentication'", flush=True)
     server = subprocess.Popen(
         [str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(args.port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

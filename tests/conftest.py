@@ -183,6 +183,22 @@ def server(tmp_path_factory):
             shutil.copy(home / "server.log", os.environ["XLV_KEEP_LOGS"])
 
 
+@pytest.fixture(scope="session")
+def bare_server(tmp_path_factory):
+    """The same Xinference without the plugin: what the server answers when the plugin is not there."""
+    home = tmp_path_factory.mktemp("xinference-bare")
+    env = base_env(home)
+    env.pop("XINFERENCE_EXTENSIONS")
+    port = free_port()
+    srv = Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env, home / "server.log",
+                 f"http://127.0.0.1:{port}")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The fuzz report (outcome histograms collected by tests/test_fuzz.py), visible in CI logs."""
     reports = getattr(config, "xlv_fuzz_reports", [])

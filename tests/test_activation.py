@@ -72,23 +72,8 @@ def test_doctor_on_an_enabled_server(server):
     assert "llama-3.2-vision-instruct -> xinf_llama_vision.engines.transformers.engine:MllamaChatModel" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def plain_server(tmp_path_factory):
-    """A real xinference-local with the plugin installed but not enabled."""
-    home = tmp_path_factory.mktemp("plain-home")
-    env = base_env(home)
-    env.pop("XINFERENCE_EXTENSIONS")
-    port = free_port()
-    srv = Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env, home / "server.log",
-                 f"http://127.0.0.1:{port}")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
-
-
-def test_doctor_detects_installed_but_not_enabled(plain_server):
+def test_doctor_detects_installed_but_not_enabled(bare_server):
+    plain_server = bare_server  # the plugin installed but not enabled
     result = doctor("--endpoint", plain_server.endpoint, env=plain_server.env)
     assert result.returncode == 1
     assert "FAIL not enabled in this shell: export XINFERENCE_EXTENSIONS=xinf_llama_vision.extension:create" in result.stdout

@@ -33,7 +33,8 @@ from fuzz_strategies import (
     tools,
 )
 from xinf_llama_vision import images
-from xinf_llama_vision.messages import RequestError, build_chat_prompt
+from xinf_llama_vision.errors import RequestError
+from xinf_llama_vision.messages import build_chat_prompt
 from xinf_llama_vision.validation import Policy, check_chat, check_completion
 
 #: Examples per adapter property (thousands in all); XLV_FUZZ_SCALE multiplies them.
@@ -165,7 +166,10 @@ def test_server_fuzz(server, chat_uid, base_uid, path, pytestconfig):
     uid = chat_uid if path == "/v1/chat/completions" else base_uid
     bodies = st.one_of(chat_bodies(st.one_of(st.integers(1, 3), json_values)), huge_chat_bodies()) \
         if path == "/v1/chat/completions" else completion_bodies(st.one_of(st.integers(1, 3), json_values))
-    bodies = st.one_of(bodies, bodies, bodies, st.binary(max_size=64))  # some bodies that are not JSON at all
+    # Some bodies that are not JSON after their model field (a body whose model cannot be read at all is not
+    # the plugin's: test_e2e_requests compares those with Xinference without the plugin).
+    bodies = st.one_of(bodies, bodies, bodies, st.binary(max_size=64).map(
+        lambda junk: b'{"model": "%s", "max_tokens": 3, "x": ' % uid.encode() + junk))
     probe = ({"model": uid, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": GOOD_IMAGE}}, {"type": "text", "text": "?"}]}], "max_tokens": 4,
         "temperature": 0} if path == "/v1/chat/completions"

@@ -2,6 +2,10 @@
 
     xinf-llama-vision doctor                       # this environment
     xinf-llama-vision doctor --endpoint URL        # also a running Xinference server
+    xinf-llama-vision doctor --endpoint URL --api-key KEY   # a server with authentication on
+
+Without ``--api-key``, the token ``xinference login`` stored for that endpoint is used, as
+Xinference's own CLI does.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import sys
 import urllib.error
 import urllib.request
 from importlib import metadata
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from . import __version__
-from .extension import ENTRY, STATUS_PATH
+from .api import STATUS_PATH
+from .extension import ENTRY
 
 
 def _version(dist: str) -> str:
@@ -26,7 +31,23 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def checks(endpoint: str = "") -> List[Tuple[bool, str]]:
+def stored_token(endpoint: str) -> Optional[str]:
+    """The access token ``xinference login --endpoint ENDPOINT`` saved, if any (Xinference's CLI reads it too)."""
+    import hashlib
+
+    try:
+        from xinference.constants import XINFERENCE_AUTH_DIR
+    except ImportError:
+        return None
+    path = os.path.join(XINFERENCE_AUTH_DIR, hashlib.sha256(endpoint.encode()).hexdigest())
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def checks(endpoint: str = "", api_key: Optional[str] = None) -> List[Tuple[bool, str]]:
     """``(ok, line)`` for each check, in order."""
     out: List[Tuple[bool, str]] = [
         (True, f"xinf-llama-vision {__version__}, xinference {_version('xinference')}, "
@@ -48,15 +69,24 @@ def checks(endpoint: str = "") -> List[Tuple[bool, str]]:
     )
     if endpoint:
         url = endpoint.rstrip("/") + STATUS_PATH
+        credential = api_key or stored_token(endpoint)
+        headers = {"Authorization": f"Bearer {credential}"} if credential else {}
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
                 info = json.load(response)
             families = info.get("families", {})
             out.append((bool(families), f"server {endpoint}: plugin {info.get('version')} active, serving "
                                         + "; ".join(f"{k} -> {', '.join(v)}" for k, v in families.items())))
         except urllib.error.HTTPError as e:
-            hint = "installed but not enabled there" if e.code == 404 else f"HTTP {e.code}"
-            out.append((False, f"server {endpoint}: plugin {hint}: start it with XINFERENCE_EXTENSIONS={ENTRY}"))
+            if e.code in (401, 403):
+                given = "--api-key" if api_key else "the token of xinference login" if credential else None
+                why = (f"refused the credential given ({given}, HTTP {e.code}); it needs an admin's" if given
+                       else "requires a credential (authentication is on); pass --api-key KEY with an admin's, "
+                            "or run xinference login --endpoint " + endpoint)
+                out.append((False, f"server {endpoint}: {why}"))
+            else:
+                hint = "installed but not enabled there" if e.code == 404 else f"HTTP {e.code}"
+                out.append((False, f"server {endpoint}: plugin {hint}: start it with XINFERENCE_EXTENSIONS={ENTRY}"))
         except OSError as e:
             out.append((False, f"server {endpoint}: unreachable ({e})"))
     return out
@@ -67,8 +97,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="check installation and activation")
     doctor.add_argument("--endpoint", default="", help="a running Xinference server to check, e.g. http://127.0.0.1:9997")
+    doctor.add_argument("--api-key", "-ak", default=None,
+                        help="an admin's access token or API key, for a server with authentication on "
+                             "(default: the token xinference login stored for the endpoint)")
     args = parser.parse_args(argv)
-    results = checks(args.endpoint)
+    results = checks(args.endpoint, args.api_key)
     for ok, line in results:
         print(("ok   " if ok else "FAIL ") + line)
     return 0 if all(ok for ok, _ in results) else 1

@@ -1,13 +1,19 @@
 """The REST side, installed in Xinference's API process through ``configure_api``.
 
-* ``GET /v1/xinf-llama-vision/status``: what the plugin registered in the API process.
-* :class:`RequestGuard`, an ASGI middleware in front of ``/v1/chat/completions``,
-  ``/v1/completions`` and the launch route ``/v1/models`` (where it adds the reason an engine
-  cannot run our family to Xinference's bare refusal): for a model launched by this plugin it runs :mod:`.validation` before
-  Xinference's own handler, answers user mistakes with HTTP 400 (the same for streaming and
-  non-streaming requests), and hands the handler the body with images inlined. Requests for
-  other models pass through untouched, unless no handler could read them (not JSON, invalid
-  Unicode, no model UID): those are a 400 for any model instead of Xinference's 500.
+The plugin adds nothing in front of Xinference's own security. Its checks run **inside** the
+routes they guard, as a wrapper of each route's endpoint (``/v1/chat/completions``,
+``/v1/completions`` and the launch route ``POST /v1/models``): by the time a wrapper runs,
+Xinference's middleware (IP allow-list, CORS, request ids, audit) and the route's own
+authentication dependency (with its permission, and its count of failed tokens toward the IP
+ban) have passed the request, and every answer of the wrapper leaves through the same stack.
+
+* :class:`Guard`: for a request whose ``model`` is one of ours, after Xinference's check of the
+  key's model scope, runs :mod:`.validation`, answers user mistakes with HTTP 400 (streaming or
+  not), and hands the endpoint the body with images inlined. Requests for any other model, and
+  bodies whose model cannot be read, go to Xinference's endpoint untouched. A launch of one of
+  our families on an engine that cannot run it gets the engine's reason.
+* ``GET /v1/xinf-llama-vision/status``: what the plugin registered, behind the same credential
+  as Xinference's ``GET /v1/cluster/version``.
 * :class:`ContextRefusal`: a prompt that does not fit the context, found by the engine, is a 400
   too (streaming included).
 """
@@ -15,22 +21,29 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
+import time
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
-from .extension import STATUS_PATH
-from .messages import RequestError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+
+from .errors import RequestError
 from .validation import CHECKS, POLICY_KEY, Policy, json_object
 
 logger = logging.getLogger("xinf_llama_vision")
 
+#: What the plugin registered in this API process (``doctor`` reads it).
+STATUS_PATH = "/v1/xinf-llama-vision/status"
 #: Xinference's launch route (``xinference launch`` posts here).
 LAUNCH_PATH = "/v1/models"
-#: Chat and completion bodies larger than this are refused (413); other large bodies are left to
-#: Xinference unread.
+#: Chat and completion bodies for our models larger than this are refused (413).
 MAX_BODY_BYTES = 64 * 1024 * 1024
+#: How long the API process trusts what it learned about a model UID (ours, with this policy, or not).
+POLICY_SECONDS = 5.0
 
 
 def error_body(message: str, status: int = 400) -> bytes:
@@ -45,68 +58,100 @@ def error_body(message: str, status: int = 400) -> bytes:
     ).encode()
 
 
-class RequestGuard:
-    """ASGI middleware: check requests for our models before Xinference's handlers see them."""
+def _error(status: int, message: str) -> Response:
+    return Response(error_body(message, status), status_code=status, media_type="application/json")
 
-    def __init__(self, app, get_supervisor_ref: Callable[[], Awaitable[Any]], auth_service: Any = None):
-        self.app = app
+
+_MODEL_FIELD = re.compile(rb'^\s*\{\s*"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def request_model(raw: bytes) -> Tuple[Any, Optional[str]]:
+    r"""``(parsed body or the reason it cannot be parsed, model UID)``: the UID as far as it can
+    be read, so that a body for one of our models gets our 400 even when nothing else in it can be
+    read (its first field, or the field of an object that parses around invalid UTF-8).
+
+    >>> request_model(b'{"model": "m", "prompt": "\xff"}')[1], request_model(b"null")
+    ('m', (None, None))
+    >>> request_model(b'{"model": "m", "max_tokens": [1')
+    ("Expecting ',' delimiter: line 1 column 32 (char 31)", 'm')
+    """
+    try:
+        data = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError) as e:
+        found = _MODEL_FIELD.match(raw)
+        why = "JSON nested too deeply to read; send a flatter body" if isinstance(e, RecursionError) else str(e)
+        return (why, json.loads(found.group(1))) if found else (None, None)
+    if not isinstance(data, dict):
+        return None, None
+    model = data.get("model")
+    return data, model if isinstance(model, str) and model else None
+
+
+class Guard:
+    """The checks the wrapped endpoints run for our models (see the module's docstring)."""
+
+    def __init__(self, get_supervisor_ref: Callable[[], Awaitable[Any]]):
         self.get_supervisor_ref = get_supervisor_ref
-        self.auth_service = auth_service
+        self._policies: Dict[str, Tuple[float, Optional[Policy]]] = {}
 
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        watched = scope["type"] == "http" and scope["method"] == "POST" and (path in CHECKS or path == LAUNCH_PATH)
-        if not watched or not await self._authenticated(scope):
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away while sending
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False) and size <= MAX_BODY_BYTES
-        body = b"".join(chunks)
-        if message.get("more_body", False):  # too large to check here
-            if path in CHECKS:  # unchecked, its images would reach the model and a refusal there is a 500
-                return await _respond(send, 413, error_body(
-                    f"request body: more than {MAX_BODY_BYTES // 2**20} MiB, the most this server reads; send "
-                    "images as http(s) URLs or smaller images, and less text", 413))
-            return await self.app(scope, _replay(body, receive, more=True), send)
-        policy = None
-        try:
-            if path == LAUNCH_PATH:
-                checked = await self._check_launch(body)
-            else:
-                checked, policy = await self._check(CHECKS[path], body, path)
-            if checked is not None:
-                body = json.dumps(checked).encode()
-        except RecursionError:
-            return await _respond(send, 400, error_body("request body: JSON nested too deeply to read; send a flatter body"))
-        except RequestError as e:
-            logger.info("refused a request to %s: %s", scope["path"], e)
-            return await _respond(send, 400, error_body(str(e)))
-        if checked is not None:
-            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-            scope = {**scope, "headers": headers + [(b"content-length", str(len(body)).encode())]}
-        if policy is not None:
-            send = ContextRefusal(send, policy)
-        return await self.app(scope, _replay(body, receive), send)
-
-    async def _authenticated(self, scope) -> bool:
-        """With auth on, only requests that pass Xinference's own check are looked at (and fetch images)."""
-        if self.auth_service is None:
-            return True
-        from fastapi.security import SecurityScopes
+    async def request(self, path: str, endpoint, args, kwargs):
+        """A chat or completion request, after Xinference's authentication and permission."""
         from starlette.requests import Request
 
-        request = Request(scope)
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        request = kwargs["request"]
+        raw = await request.body()  # Starlette keeps it: the endpoint reads the same bytes
+        data, model = request_model(raw)
+        policy = await self.policy(model) if model else None
+        if policy is None:
+            return await endpoint(*args, **kwargs)  # not ours: exactly as without the plugin
+        api = getattr(request.app.state, "api", None)
+        check_access = getattr(api, "_check_model_access", None)
+        if check_access is not None:  # the key's model scope: Xinference's 403 before we read more
+            check_access(request, model, "LLM")
         try:
-            await self.auth_service(request, SecurityScopes(["models:read"]), token.strip() if scheme.lower() == "bearer" else None)
-        except Exception:  # Xinference's handler answers 401/403 itself
-            return False
-        return True
+            if len(raw) > MAX_BODY_BYTES:
+                return _error(413, f"request body: more than {MAX_BODY_BYTES // 2**20} MiB, the most this server "
+                                   "reads; send images as http(s) URLs or smaller images, and less text")
+            if not isinstance(data, dict):
+                raise RequestError(f"request body: not valid JSON ({data}); send a JSON object")
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RequestError(f"request body: not valid JSON ({e}); send a JSON object in UTF-8") from None
+            json_object(data)
+            checked = await asyncio.to_thread(CHECKS[path], data, policy)  # image downloads block
+            problem = xinference_refusal(path, checked)
+            if problem:
+                raise RequestError(problem)
+        except RecursionError:
+            return _error(400, "request body: JSON nested too deeply to read; send a flatter body")
+        except RequestError as e:
+            logger.info("refused a request to %s: %s", path, e)
+            return _error(400, str(e))
+        kwargs["request"] = Request(request.scope, _replay(json.dumps(checked).encode(), request.receive))
+        try:
+            response = await endpoint(*args, **kwargs)
+        except HTTPException as e:  # a non-streamed context-length refusal is raised, not returned
+            refusal = context_refusal(e.detail, policy) if e.status_code == 400 else None
+            if refusal is None:
+                raise
+            logger.info("refused a request: %s", refusal)
+            return _error(400, refusal)
+        return watch_context(response, policy)
+
+    async def launch(self, path: str, endpoint, args, kwargs):
+        """A launch, after Xinference's ``models:write`` check."""
+        from starlette.requests import Request
+
+        request = kwargs["request"]
+        try:
+            checked = await self._check_launch(await request.body())
+        except RequestError as e:
+            logger.info("refused a launch: %s", e)
+            return _error(400, str(e))
+        if checked is not None:
+            kwargs["request"] = Request(request.scope, _replay(json.dumps(checked).encode(), request.receive))
+        return await endpoint(*args, **kwargs)
 
     async def _check_launch(self, raw: bytes) -> Optional[Dict[str, Any]]:
         """A launch of one of our families: on an engine that cannot run it here, say why; on an
@@ -143,37 +188,36 @@ class RequestGuard:
         given = data.get("envs") if isinstance(data.get("envs"), dict) else {}
         return {**data, "envs": {**given, **needed}}
 
-    async def _check(self, check, raw: bytes, path: str) -> Tuple[Optional[Dict[str, Any]], Optional[Policy]]:
-        """``(checked body, policy)`` for one of our models, ``(None, None)`` to pass the request on as it is.
-
-        A body no handler could read is refused for any model: Xinference would answer it with a 500.
-        """
-        try:
-            data = json.loads(raw)
-        except ValueError as e:  # invalid UTF-8 too
-            raise RequestError(f"request body: not valid JSON ({e}); send a JSON object") from None
-        json_object(data)  # an object, in valid Unicode
-        if not isinstance(data.get("model"), str) or not data["model"]:
-            raise RequestError("model: send the UID of a running model as a string")
-        policy = await self._policy(data["model"])
-        if policy is None:
-            return None, None
-        # Image downloads and decoding block: keep them off the event loop.
-        checked = await asyncio.to_thread(check, data, policy)
-        problem = xinference_refusal(path, checked)
-        if problem:
-            raise RequestError(problem)
-        return checked, policy
-
-    async def _policy(self, model_uid: Any) -> Optional[Policy]:
-        if not isinstance(model_uid, str) or not model_uid:
-            return None
+    async def policy(self, model_uid: str) -> Optional[Policy]:
+        """The policy of a running model of ours, ``None`` for any other (or unknown) model; what the
+        supervisor said is kept for a few seconds, so a burst of requests asks it once."""
+        now = time.monotonic()
+        known = self._policies.get(model_uid)
+        if known is not None and now - known[0] < POLICY_SECONDS:
+            return known[1]
         try:
             description = await (await self.get_supervisor_ref()).describe_model(model_uid)
         except Exception:  # unknown or still loading: Xinference's handler says so
             return None
-        policy = description.get(POLICY_KEY) if isinstance(description, dict) else None
-        return Policy.from_dict(policy) if isinstance(policy, dict) else None
+        data = description.get(POLICY_KEY) if isinstance(description, dict) else None
+        policy = Policy.from_dict(data) if isinstance(data, dict) else None
+        if len(self._policies) > 1024:
+            self._policies.clear()
+        self._policies[model_uid] = (now, policy)
+        return policy
+
+
+def wrap_endpoint(route, hook) -> None:
+    """Run ``hook(path, endpoint, args, kwargs)`` in place of ``route``'s endpoint (same signature, so
+    FastAPI resolves the same parameters and runs the route's dependencies first)."""
+    endpoint = route.endpoint
+
+    @functools.wraps(endpoint)
+    async def guarded(*args, **kwargs):
+        return await hook(route.path, endpoint, args, kwargs)
+
+    route.endpoint = guarded  # what include_router copies
+    route.dependant.call = guarded  # a route already built into an app
 
 
 def xinference_refusal(path: str, body: Dict[str, Any]) -> Optional[str]:
@@ -252,6 +296,25 @@ def _first_event(body: bytes) -> Optional[Any]:
     return None
 
 
+_WATCHED: Dict[type, type] = {}
+
+
+def watch_context(response, policy: Policy):
+    """``response``, sent through :class:`ContextRefusal` (same class to Xinference's route code,
+    which logs streams by their type: a subclass that only wraps ``send``)."""
+    cls = type(response)
+    if not hasattr(response, "__call__") or cls.__module__ == __name__:
+        return response
+    if cls not in _WATCHED:
+        async def call(self, scope, receive, send):
+            await cls.__call__(self, scope, receive, ContextRefusal(send, self._xlv_policy))
+
+        _WATCHED[cls] = type(cls.__name__, (cls,), {"__call__": call, "__module__": __name__})
+    response.__class__ = _WATCHED[cls]
+    response._xlv_policy = policy
+    return response
+
+
 class ContextRefusal:
     """``send`` for a checked request to one of our models.
 
@@ -298,14 +361,15 @@ class ContextRefusal:
         if refusal:
             self.done = True
             logger.info("refused a request: %s", refusal)
-            return await _respond(self.send, 400, error_body(refusal))
+            kept = [(k, v) for k, v in self.start.get("headers") or [] if k.lower() == b"x-request-id"]
+            return await _respond(self.send, 400, error_body(refusal), kept)
         start, held, self.start, self.held = self.start, self.held, None, []
         await self.send(start)
         for m in held:
             await self.send(m)
 
 
-def _replay(body: bytes, receive, more: bool = False):
+def _replay(body: bytes, receive):
     """A ``receive`` that yields ``body`` first, then whatever the client sends next."""
     sent = False
 
@@ -313,31 +377,45 @@ def _replay(body: bytes, receive, more: bool = False):
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body, "more_body": more}
+            return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
     return replay
 
 
-async def _respond(send, status: int, body: bytes) -> None:
+async def _respond(send, status: int, body: bytes, headers=()) -> None:
     await send({
         "type": "http.response.start",
         "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    *headers],
     })
     await send({"type": "http.response.body", "body": body})
 
 
 def install(context) -> None:
-    """``configure_api``: add the status route and the request guard to Xinference's app."""
+    """``configure_api``: the status route, and the guard around the routes it checks."""
+    from fastapi.routing import APIRoute
+
     from .registration import status
 
-    @context.app.get(STATUS_PATH, include_in_schema=False)
-    async def xinf_llama_vision_status():
-        return status()
+    routes = [r for r in context.router.routes if isinstance(r, APIRoute)]
+    version = next((r for r in routes if r.path == "/v1/cluster/version"), None)
 
-    context.app.add_middleware(
-        RequestGuard,
-        get_supervisor_ref=context.get_supervisor_ref,
-        auth_service=context.auth_service if context.auth_enabled else None,
-    )
+    async def xinf_llama_vision_status() -> JSONResponse:
+        return JSONResponse(status())
+
+    context.router.add_api_route(STATUS_PATH, xinf_llama_vision_status, methods=["GET"], include_in_schema=False,
+                                 dependencies=list(version.dependencies) if version is not None else None)
+    guard = Guard(context.get_supervisor_ref)
+    wrapped = []
+    for route in routes:
+        if "POST" in route.methods and route.path in CHECKS:
+            wrap_endpoint(route, guard.request)
+            wrapped.append(route.path)
+        elif "POST" in route.methods and route.path == LAUNCH_PATH:
+            wrap_endpoint(route, guard.launch)
+            wrapped.append(route.path)
+    if len(wrapped) != len(CHECKS) + 1:
+        logger.warning("xinf-llama-vision: request checks installed on %s only (this Xinference's routes differ)",
+                       wrapped)

@@ -16,7 +16,6 @@ from . import __version__
 logger = logging.getLogger("xinf_llama_vision")
 
 ENTRY = "xinf_llama_vision.extension:create"
-STATUS_PATH = "/v1/xinf-llama-vision/status"
 
 
 class Extension:

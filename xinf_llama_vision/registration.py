@@ -139,7 +139,7 @@ def register() -> None:
         _install_families()
         from .weights import install as explain_download_failures
 
-        explain_download_failures()  # a failed download of our weights says what to do
+        explain_download_failures(our_families)  # a failed download of our weights says what to do
         refresh = llm.register_builtin_model
         if not getattr(refresh, "_xlv", False):
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Collection, Iterator, Optional, Tuple
 
 #: Where users go to accept Meta's license (the hub page of the repository).
 HF_PAGE = "https://huggingface.co/{repo}"
@@ -122,18 +122,15 @@ def explain(error: BaseException, model_name: str, repo_id: Optional[str], hub: 
     )
 
 
-def _ours(family) -> bool:
-    from .registration import our_families
-
-    names = our_families()
+def _ours(family, names) -> bool:
     return any(getattr(family, attr, None) in names for attr in ("model_name", "model_family"))
 
 
 _original = None
 
 
-def install() -> None:
-    """Wrap ``LLMCacheManager.cache`` in this process (idempotent)."""
+def install(our_families: Callable[[], Collection[str]]) -> None:
+    """Wrap ``LLMCacheManager.cache`` in this process (idempotent), for the families ``our_families()`` names."""
     global _original
     from xinference.model.llm.cache_manager import LLMCacheManager
 
@@ -150,7 +147,7 @@ def install() -> None:
         except Exception as e:
             if getattr(self, "_model_uri", None) is not None or getattr(self, "_use_draft_model", False):
                 raise
-            if not _ours(self._llm_family):
+            if not _ours(self._llm_family, our_families()):
                 raise
             raise WeightsUnavailable(
                 explain(e, self._model_name, getattr(self, "_model_id", None), getattr(self, "_model_hub", None))
