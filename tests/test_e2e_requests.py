@@ -281,7 +281,7 @@ BASE_REFUSALS = {
                                    "prompt: 1 <|image|> token(s) but 0 image(s) sent; put one <|image|> in the prompt "
                                    "where each image goes"),
     "two images, default limit 1": ({"prompt": "<|image|><|image|>Caption:", "images": [data_uri(RED), data_uri(GREEN)]},
-                                    "images: 2 sent, this model accepts at most 1 per request (launch option max_images)"),
+                                    "images: 2 images sent, this model accepts at most 1 per request (launch option max_images)"),
 }
 
 

@@ -175,7 +175,7 @@ def test_limit_mm_per_prompt_and_max_images_are_one_setting(tiny_checkpoint):
     m = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {"limit_mm_per_prompt": {"image": 3}, "max_images": 2})
     with pytest.raises(ValueError, match="launch options disagree: max_images 2 but limit_mm_per_prompt allows 3"):
         m.launch_config(m._model_config)
-    with pytest.raises(ValueError, match="launch option max_num_seqs must be a number"):
+    with pytest.raises(ValueError, match="launch option max_num_seqs must be an integer >= 1"):
         m2 = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {"max_num_seqs": "many"})
         m2.launch_config(m2._model_config)
 
@@ -304,3 +304,20 @@ def test_listing_and_launch_say_why_vllm_cannot_run_here(server, tiny_checkpoint
                         "--model_path", tiny_checkpoint, *venv, check=False)
     assert result.returncode != 0
     assert f"Model llama-3.2-vision-instruct cannot be run on engine vLLM: {reason}" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("option, value", [("max_num_seqs", "2.7"), ("max_num_seqs", "-4"), ("max_model_len", 2.5),
+                                           ("tensor_parallel_size", "0")])
+def test_whole_number_launch_options_are_not_truncated_or_negative(tiny_checkpoint, option, value):
+    chat, _ = classes()
+    with pytest.raises(ValueError, match=f"launch option {option} must be an integer >= 1, got"):
+        m = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {option: value})  # max_model_len: here
+        m.launch_config(m._model_config)
+
+
+@pytest.mark.parametrize("value", ["1.5", "0", "most"])
+def test_gpu_memory_utilization_is_a_fraction(tiny_checkpoint, value):
+    chat, _ = classes()
+    m = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {"gpu_memory_utilization": value})
+    with pytest.raises(ValueError, match="launch option gpu_memory_utilization must be a number above 0 and at most 1"):
+        m.launch_config(m._model_config)

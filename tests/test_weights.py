@@ -202,7 +202,7 @@ def test_the_wrapper_leaves_other_models_alone():
     from xinference.model.llm.cache_manager import LLMCacheManager
 
     import xinf_llama_vision.weights as weights
-    from xinf_llama_vision.registration import our_families, register
+    from xinf_llama_vision.registration import our_family, register
 
     register()
     assert getattr(LLMCacheManager.cache, "_xlv", False)
@@ -224,7 +224,7 @@ def test_the_wrapper_leaves_other_models_alone():
     real = LLMCacheManager.cache
     try:
         LLMCacheManager.cache = offline
-        weights.install(our_families)
+        weights.install(lambda family: our_family(family) is not None)
         with pytest.raises(hf.LocalEntryNotFoundError):
             LLMCacheManager.cache(Manager("qwen2.5-instruct"))
         with pytest.raises(WeightsUnavailable, match="unreachable"):
@@ -232,4 +232,4 @@ def test_the_wrapper_leaves_other_models_alone():
     finally:
         weights.uninstall()
         LLMCacheManager.cache = real
-        weights.install(our_families)
+        weights.install(lambda family: our_family(family) is not None)

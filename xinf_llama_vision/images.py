@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import ImageError, RequestError
+from .parsing import whole_number
 
 MiB = 1024 * 1024
 
@@ -136,23 +137,6 @@ def parse_size(value: Any, where: str = "size") -> int:
     return number
 
 
-def _parse_int(value: Any, where: str, minimum: int, what: str) -> int:
-    error = ValueError(f"{where} must be {what}, got {value!r}")
-    if isinstance(value, bool):
-        raise error
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise error
-        value = int(value)
-    try:
-        number = int(str(value).strip().replace("_", "")) if not isinstance(value, int) else value
-    except ValueError:
-        raise error from None
-    if number < minimum:
-        raise error
-    return number
-
-
 def _parse_seconds(value: Any, where: str) -> float:
     error = ValueError(f"{where} must be a number of seconds > 0, got {value!r}")
     if isinstance(value, bool):
@@ -169,7 +153,7 @@ def _parse_seconds(value: Any, where: str) -> float:
 def _parse_pixels(value: Any, where: str) -> int:
     from PIL import Image
 
-    number = _parse_int(value, where, 1, "a positive number of pixels")
+    number = whole_number(value, where, 1, "a positive number of pixels")
     cap = Image.MAX_IMAGE_PIXELS
     if cap is not None and number > cap:
         raise ValueError(f"{where} must be at most {cap} (Pillow's decompression-bomb limit), got {value!r}")
@@ -260,7 +244,7 @@ def _parse(knob: Knob, value: Any, where: str, strict_dir: bool) -> Any:
     if knob.kind == "pixels":
         return _parse_pixels(value, where)
     if knob.kind == "count":
-        return _parse_int(value, where, 0, "an integer >= 0")
+        return whole_number(value, where, 0)
     if knob.kind == "hosts":
         return parse_allow_hosts(value, where)
     if knob.kind == "dir":
@@ -304,11 +288,6 @@ class ImageLimits:
                 continue
             values[knob.field] = _parse(knob, raw, where, strict_dir=True)
         return cls(**values)
-
-    @classmethod
-    def from_env(cls) -> "ImageLimits":
-        """Defaults overridden by environment variables only."""
-        return cls.from_config(None)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (lists, not tuples).

@@ -57,6 +57,20 @@ def today() -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def check_image_count(count: int, max_images: Optional[int], where: str, note: str = "") -> None:
+    """Refuse more images than the launch allows (``max_images``, default :data:`DEFAULT_MAX_IMAGES`).
+
+    >>> check_image_count(2, None, "images")
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.errors.RequestError: images: 2 images sent, this model accepts at most 1 per request (launch option max_images)
+    """
+    limit = DEFAULT_MAX_IMAGES if max_images is None else max_images
+    if count > limit:
+        raise RequestError(f"{where}: {count} images sent, this model accepts at most {limit} per request "
+                           f"(launch option max_images){note}")
+
+
 def valid_unicode(value: Any, where: str) -> None:
     """Refuse text that is not valid Unicode: a lone UTF-16 surrogate (JSON ``"\\udfff"``) parses,
     but no tokenizer can encode it. Walks lists and objects, keys included.
@@ -330,12 +344,7 @@ def build_chat_prompt(
     if add_generation_prompt and turns[-1][0] not in ("user", "ipython"):
         raise RequestError("messages: the conversation must end with a user (or tool) message to get an answer")
 
-    limit = DEFAULT_MAX_IMAGES if max_images is None else max_images
-    if len(images) > limit:
-        raise RequestError(
-            f"messages: {len(images)} images sent, this model accepts at most {limit} per request "
-            f"(launch option max_images); Meta recommends one image per prompt"
-        )
+    check_image_count(len(images), max_images, "messages", "; Meta recommends one image per prompt")
     if tools and images:
         raise RequestError(
             "tools: Llama 3.2 Vision cannot call tools in a conversation with images (Meta: tool calling works "
@@ -427,11 +436,7 @@ def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images:
     if not isinstance(prompt, str):
         raise RequestError("prompt: send one string")
     valid_unicode(prompt, "prompt")
-    limit = DEFAULT_MAX_IMAGES if max_images is None else max_images
-    if len(images) > limit:
-        raise RequestError(
-            f"images: {len(images)} sent, this model accepts at most {limit} per request (launch option max_images)"
-        )
+    check_image_count(len(images), max_images, "images")
     n_tokens = prompt.count(IMAGE)
     if n_tokens != len(images):
         raise RequestError(

@@ -19,7 +19,7 @@ import functools
 import importlib
 import logging
 import threading
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 logger = logging.getLogger("xinf_llama_vision")
 
@@ -73,19 +73,24 @@ def our_families() -> Dict[str, Any]:
     return {f.model_name: f for f in load_families()}
 
 
-def serves(llm_family, kind: str) -> Tuple[bool, str]:
-    """Whether our ``kind`` ("base"/"instruct") engine class serves ``llm_family``.
-
-    Custom models registered on top of our families (``model_family:
-    llama-3.2-vision-instruct``) are served too.
-    """
+def our_family(llm_family) -> Optional[Any]:
+    """Our family behind Xinference's ``llm_family``: by its name, or for a custom model registered on
+    top of one of ours, by its ``model_family``; ``None`` for any other model."""
     families = our_families()
-    for name in (llm_family.model_name, getattr(llm_family, "model_family", None)):
+    for name in (getattr(llm_family, "model_name", None), getattr(llm_family, "model_family", None)):
         if name in families:
-            if families[name].kind == kind:
-                return True, ""
-            return False, f"{name} is a {families[name].kind} family; this engine class serves {kind} families"
-    return False, f"xinf-llama-vision serves {', '.join(sorted(families))}, not {llm_family.model_name}"
+            return families[name]
+    return None
+
+
+def serves(llm_family, kind: str) -> Tuple[bool, str]:
+    """Whether our ``kind`` ("base"/"instruct") engine class serves ``llm_family``."""
+    ours = our_family(llm_family)
+    if ours is None:
+        return False, f"xinf-llama-vision serves {', '.join(sorted(our_families()))}, not {llm_family.model_name}"
+    if ours.kind != kind:
+        return False, f"{ours.model_name} is a {ours.kind} family; this engine class serves {kind} families"
+    return True, ""
 
 
 def to_xinference(family) -> Any:
@@ -139,7 +144,7 @@ def register() -> None:
         _install_families()
         from .weights import install as explain_download_failures
 
-        explain_download_failures(our_families)  # a failed download of our weights says what to do
+        explain_download_failures(lambda family: our_family(family) is not None)  # a failed download of our weights says what to do
         refresh = llm.register_builtin_model
         if not getattr(refresh, "_xlv", False):
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Dict, List, Literal, Optional, Union
+from typing import Annotated, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
@@ -21,6 +21,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Ability = Literal["generate", "chat", "vision", "tools"]
 Hub = Literal["huggingface", "modelscope"]
 
+
+
+def vllm_pins(packages: List[str]) -> List[Tuple[str, List[str]]]:
+    """``(package line, pinned versions)`` for each vLLM requirement in virtualenv package lines
+    (``vllm==0.10.2 ; #engine# == "vllm"``); Xinference's ``#placeholders#`` are skipped, an invalid
+    requirement raises ``ValueError``.
+
+    >>> vllm_pins(['#transformers_dependencies#', 'vllm==0.10.2 ; #engine# == "vllm"', 'torch==2.8.0'])
+    [('vllm==0.10.2 ; #engine# == "vllm"', ['0.10.2'])]
+    """
+    out = []
+    for package in packages:
+        head = package.split(";", 1)[0].strip()
+        if head.startswith("#"):
+            continue  # Xinference placeholders such as #transformers_dependencies#
+        try:
+            requirement = Requirement(head)
+        except InvalidRequirement as e:
+            raise ValueError(f"{package!r} is not a valid requirement: {e}") from None
+        if canonicalize_name(requirement.name) == "vllm":
+            out.append((package, [s.version for s in requirement.specifier if s.operator in ("==", "===")]))
+    return out
 
 class SpecError(ValueError):
     """A spec file that cannot be used; the message names the file and the field."""
@@ -111,20 +133,11 @@ class _Family(_Strict):
     @field_validator("virtualenv_packages")
     @classmethod
     def _vllm_that_runs_mllama(cls, packages: List[str]) -> List[str]:
-        for package in packages:
-            head = package.split(";", 1)[0].strip()
-            if head.startswith("#"):
-                continue  # Xinference placeholders such as #transformers_dependencies#
-            try:
-                requirement = Requirement(head)
-            except InvalidRequirement as e:
-                raise ValueError(f"{package!r} is not a valid requirement: {e}") from None
-            if canonicalize_name(requirement.name) == "vllm":
-                pinned = [s.version for s in requirement.specifier if s.operator in ("==", "===")]
-                if not pinned or not all(v in VLLM_MLLAMA_VERSIONS for v in pinned):
-                    raise ValueError(
-                        f"{package!r}: pin one vLLM release that runs Mllama (>= {VLLM_MIN}, <= {VLLM_MAX}), e.g. vllm=={VLLM_MAX}"
-                    )
+        for package, pinned in vllm_pins(packages):
+            if not pinned or not all(v in VLLM_MLLAMA_VERSIONS for v in pinned):
+                raise ValueError(
+                    f"{package!r}: pin one vLLM release that runs Mllama (>= {VLLM_MIN}, <= {VLLM_MAX}), e.g. vllm=={VLLM_MAX}"
+                )
         return packages
 
     @property

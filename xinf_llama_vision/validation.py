@@ -20,6 +20,7 @@ from .generation import Sampling, sampling_from_config
 from .grammar import check_schema
 from .errors import ImageError, RequestError
 from .images import ImageLimits, inline
+from .parsing import whole_number
 from .messages import (
     DEFAULT_MAX_IMAGES,
     Prompt,
@@ -90,13 +91,7 @@ def launch_int(name: str, value: Any) -> int:
     >>> launch_int("context_length", "8192")
     8192
     """
-    try:
-        number = int(value)
-        if number < 1 or number != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"launch option {name} must be an integer >= 1, got {value!r}") from None
-    return number
+    return whole_number(value, f"launch option {name}")
 
 
 def json_object(body: Any) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Collection, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 #: Where users go to accept Meta's license (the hub page of the repository).
 HF_PAGE = "https://huggingface.co/{repo}"
@@ -122,15 +122,11 @@ def explain(error: BaseException, model_name: str, repo_id: Optional[str], hub: 
     )
 
 
-def _ours(family, names) -> bool:
-    return any(getattr(family, attr, None) in names for attr in ("model_name", "model_family"))
-
-
 _original = None
 
 
-def install(our_families: Callable[[], Collection[str]]) -> None:
-    """Wrap ``LLMCacheManager.cache`` in this process (idempotent), for the families ``our_families()`` names."""
+def install(ours: Callable[[Any], bool]) -> None:
+    """Wrap ``LLMCacheManager.cache`` in this process (idempotent), for the families ``ours(family)`` accepts."""
     global _original
     from xinference.model.llm.cache_manager import LLMCacheManager
 
@@ -147,7 +143,7 @@ def install(our_families: Callable[[], Collection[str]]) -> None:
         except Exception as e:
             if getattr(self, "_model_uri", None) is not None or getattr(self, "_use_draft_model", False):
                 raise
-            if not _ours(self._llm_family, our_families()):
+            if not ours(self._llm_family):
                 raise
             raise WeightsUnavailable(
                 explain(e, self._model_name, getattr(self, "_model_id", None), getattr(self, "_model_hub", None))

@@ -34,9 +34,9 @@ from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 
 from ..images import KNOBS, load_images
 from ..messages import Prompt
-from ..registration import ENGINE_ENVS, our_families, serves
-from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS
-from ..validation import chat_prompt, completion_prompt, launch_policy, request_sampling, with_carried
+from ..registration import ENGINE_ENVS, our_family, serves
+from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, vllm_pins
+from ..validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling, with_carried
 from .common import checkpoint_max_positions, context_length, launched, output_room
 
 logger = logging.getLogger("xinf_llama_vision")
@@ -70,20 +70,12 @@ def supports_mllama(v: Version) -> bool:
 
 def declared_vllm(llm_family) -> Optional[Version]:
     """The vLLM the family's virtualenv packages pin (``vllm==X ; #engine# == "vllm"``)."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
     packages = getattr(getattr(llm_family, "virtualenv", None), "packages", None) or []
-    for package in packages:
-        head = package.split(";", 1)[0].strip()
-        try:
-            requirement = Requirement(head)
-        except InvalidRequirement:
-            continue
-        if requirement.name.lower() == "vllm":
-            pinned = [s.version for s in requirement.specifier if s.operator in ("==", "===")]
-            if pinned:
-                return Version(pinned[0])
-    return None
+    try:
+        pins = [v for _, pinned in vllm_pins(packages) for v in pinned]
+    except ValueError:
+        return None
+    return Version(pins[0]) if pins else None
 
 
 def _virtualenv_installs_engines() -> bool:
@@ -119,8 +111,7 @@ def cpu_build_installed() -> bool:
 
 def family_defaults(llm_family, llm_spec) -> Dict[str, Any]:
     """The ``vllm:`` launch defaults of our spec for this family and size (YAML data)."""
-    families = our_families()
-    ours = families.get(llm_family.model_name) or families.get(getattr(llm_family, "model_family", None) or "")
+    ours = our_family(llm_family)
     if ours is None:
         return {}
     size = str(getattr(llm_spec, "model_size_in_billions", ""))
@@ -167,11 +158,19 @@ def _as_bool(name: str, value: Any) -> bool:
     raise ValueError(f"launch option {name} must be true or false, got {value!r}")
 
 
-def _as_number(name: str, value: Any, kind):
+def _fraction(name: str, value: Any) -> float:
+    """A launch option between 0 (excluded) and 1, such as vLLM's ``gpu_memory_utilization``.
+
+    >>> _fraction("gpu_memory_utilization", "0.9")
+    0.9
+    """
     try:
-        return kind(value)
+        number = float(value)
+        if not 0 < number <= 1:
+            raise ValueError
     except (TypeError, ValueError):
-        raise ValueError(f"launch option {name} must be a number, got {value!r}") from None
+        raise ValueError(f"launch option {name} must be a number above 0 and at most 1, got {value!r}") from None
+    return number
 
 
 class _MllamaVLLM:
@@ -227,10 +226,11 @@ class _MllamaVLLM:
             config.setdefault(name, self._default_max_model_len() if name == "max_model_len" else value)
         if config.get("tensor_parallel_size") is None and not self._device_count:
             config["tensor_parallel_size"] = 1  # vLLM's CPU build: no GPUs to split over
-        for name, kind in (("max_num_seqs", int), ("max_model_len", int), ("tensor_parallel_size", int),
-                           ("gpu_memory_utilization", float)):
+        for name in ("max_num_seqs", "max_model_len", "tensor_parallel_size"):
             if config.get(name) is not None:
-                config[name] = _as_number(name, config[name], kind)
+                config[name] = launch_int(name, config[name])
+        if config.get("gpu_memory_utilization") is not None:
+            config["gpu_memory_utilization"] = _fraction("gpu_memory_utilization", config["gpu_memory_utilization"])
         if "enforce_eager" in config:
             config["enforce_eager"] = _as_bool("enforce_eager", config["enforce_eager"])
         limit = _mm_limit(config.get("limit_mm_per_prompt"))

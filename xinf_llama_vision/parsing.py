@@ -1,0 +1,33 @@
+"""Launch-option values as Xinference's CLI passes them (text, or numbers from the REST API): one
+parser for whole numbers, one message format, for every option of every engine."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+def whole_number(value: Any, where: str, minimum: int = 1, what: Optional[str] = None) -> int:
+    """``value`` as an integer of at least ``minimum``; anything else (a fraction, a word, a
+    boolean, too small) raises ``ValueError`` with ``where`` and the value in it.
+
+    >>> whole_number("8192", "launch option context_length"), whole_number(4.0, "x"), whole_number("1_000", "x")
+    (8192, 4, 1000)
+    >>> whole_number("2.7", "launch option max_num_seqs")
+    Traceback (most recent call last):
+    ...
+    ValueError: launch option max_num_seqs must be an integer >= 1, got '2.7'
+    """
+    error = ValueError(f"{where} must be {what or f'an integer >= {minimum}'}, got {value!r}")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise error
+        value = int(value)
+    try:
+        number = value if isinstance(value, int) else int(str(value).strip().replace("_", ""))
+    except ValueError:
+        raise error from None
+    if number < minimum:
+        raise error
+    return number
