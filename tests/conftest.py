@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -49,6 +50,9 @@ class Server:
         self.log = log
         self.home = env["XINFERENCE_HOME"]
         self.tmpdir = env["TMPDIR"]
+        #: With Xinference's auth on: the admin's token (launches, the CLI) and a client's ``xf-`` key (requests).
+        self.admin_token: Optional[str] = None
+        self.api_key: Optional[str] = None
         self.proc = subprocess.Popen(
             args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -69,8 +73,9 @@ class Server:
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
 
     def cli(self, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
+        credential = ["--api-key", self.admin_token] if self.admin_token and args[0] in ("launch", "terminate") else []
         result = subprocess.run(
-            [str(BIN / "xinference"), *args, "-e", self.endpoint],
+            [str(BIN / "xinference"), *args, "-e", self.endpoint, *credential],
             env=self.env, capture_output=True, text=True, timeout=timeout,
         )
         if check and result.returncode != 0:
@@ -87,8 +92,10 @@ class Server:
         import httpx
 
         # ASCII JSON, so that any string (a lone surrogate too) travels as the \\uXXXX escape a client would send
-        response = httpx.post(self.endpoint + path, content=json.dumps(body).encode(), timeout=timeout,
-                              headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        response = httpx.post(self.endpoint + path, content=json.dumps(body).encode(), timeout=timeout, headers=headers)
         try:
             return response.status_code, response.json()
         except ValueError:
@@ -119,7 +126,7 @@ class Server:
     def openai(self):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.endpoint + "/v1", api_key="not-used", max_retries=0, timeout=300)
+        return OpenAI(base_url=self.endpoint + "/v1", api_key=self.api_key or "not-used", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="session")
