@@ -24,7 +24,7 @@ import pytest
 
 from conftest import BIN, Server, base_env, free_port
 from oracle import data_uri, png
-from test_e2e_hostile import ImageServer
+from test_e2e_hostile import images_server  # noqa: F401 - the image server, which records every request
 
 RED = png((220, 30, 30))
 PASSWORD = "correct-horse-battery"
@@ -84,29 +84,10 @@ class Accounts:
         return key
 
 
-class Recorder(ImageServer):
-    """The hostile tests' image server: every request it gets is in ``hits``."""
-
-    @property
-    def hits(self):
-        return self.requests
-
-    @property
-    def url(self):
-        return super().url("/red.png")
-
-
 @pytest.fixture(scope="module")
-def recorder():
-    srv = Recorder()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tiny_checkpoint, recorder):
+def pair(tmp_path_factory, tiny_checkpoint, images_server):
     """``(with the plugin, its accounts, without, its accounts)``; on the first, our model ``guarded``
-    may fetch images from 127.0.0.1 (the recorder)."""
+    may fetch images from 127.0.0.1 (the image server)."""
     # The matrix below sends dozens of bad tokens: Xinference's IP ban (10 by default) is raised here
     # and tested on its own server (test_bad_tokens_count_once_toward_the_ip_ban).
     ban = {"XINFERENCE_RATE_LIMIT_IP_MAX_FAILURES": "100000"}
@@ -123,7 +104,7 @@ def pair(tmp_path_factory, tiny_checkpoint, recorder):
         bare.stop()
 
 
-def bodies(recorder):
+def bodies(images_server):
     """name → (path, body): what each refused client sends."""
     image = lambda url: {"model": "guarded", "max_tokens": 4, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}]}
@@ -131,9 +112,9 @@ def bodies(recorder):
         "valid": ("/v1/chat/completions", {"model": "guarded", "messages": MESSAGES, "max_tokens": 4}),
         "bad image": ("/v1/chat/completions", image("data:image/png;base64,AAAA")),
         "oversized": ("/v1/chat/completions", image("data:image/png;base64," + "A" * (66 * 2**20))),
-        "allowed host": ("/v1/chat/completions", image(recorder.url)),
+        "allowed host": ("/v1/chat/completions", image(images_server.url("/red.png"))),
         "completion with an image": ("/v1/completions", {"model": "guarded", "prompt": "<|image|>Hi",
-                                                          "images": [recorder.url], "max_tokens": 4}),
+                                                          "images": [images_server.url("/red.png")], "max_tokens": 4}),
         "launch": ("/v1/models", {"model_name": "llama-3.2-vision-instruct", "model_engine": "vllm",
                                   "model_uid": "x", "model_path": "/nowhere"}),
     }
@@ -159,16 +140,16 @@ def send(server, path, body, credential):
 
 
 @pytest.mark.parametrize("who", REFUSED)
-def test_what_xinference_refuses_gets_the_same_answer_with_the_plugin(pair, recorder, who):
+def test_what_xinference_refuses_gets_the_same_answer_with_the_plugin(pair, images_server, who):
     ours, ours_accounts, bare, bare_accounts = pair
-    for name, (path, body) in bodies(recorder).items():
+    for name, (path, body) in bodies(images_server).items():
         if who == "read-only user" and path != "/v1/models":
             continue  # may read: not refused by Xinference, see the authorized tests
         got, headers = send(ours, path, body, credentials(ours_accounts, who))
         want, _ = send(bare, path, body, credentials(bare_accounts, who))
         assert got == want and got in (401, 403), (who, name, got, want)
         assert "x-request-id" in {k.lower() for k in headers} or got == 401, (who, name, headers)
-    assert recorder.hits == [], "a refused client made the server fetch an image"
+    assert images_server.requests == [], "a refused client made the server fetch an image"
 
 
 def test_bad_tokens_count_once_toward_the_ip_ban(tmp_path_factory, pair):
@@ -188,15 +169,15 @@ def test_bad_tokens_count_once_toward_the_ip_ban(tmp_path_factory, pair):
         server.stop()
 
 
-def test_the_allow_list_of_ips_comes_first(tmp_path_factory, recorder):
+def test_the_allow_list_of_ips_comes_first(tmp_path_factory, images_server):
     """A client outside ``XINFERENCE_ALLOWED_IPS``: Xinference's 403, the same with and without the plugin."""
     ours = start(tmp_path_factory, "ips-plugin", auth=False, XINFERENCE_ALLOWED_IPS="10.9.9.9")
     bare = start(tmp_path_factory, "ips-bare", plugin=False, auth=False, XINFERENCE_ALLOWED_IPS="10.9.9.9")
     try:
-        for name, (path, body) in bodies(recorder).items():
+        for name, (path, body) in bodies(images_server).items():
             got, want = send(ours, path, body, None)[0], send(bare, path, body, None)[0]
             assert got == want == 403, (name, got, want)
-        assert recorder.hits == []
+        assert images_server.requests == []
     finally:
         ours.stop()
         bare.stop()
@@ -231,7 +212,7 @@ def test_doctor_says_when_a_credential_is_missing_or_wrong(pair):
 # -- the authorized user's path ----------------------------------------------------------------
 
 
-def test_an_authorized_key_gets_image_chat_streaming_and_our_400s(pair, recorder, reference):
+def test_an_authorized_key_gets_image_chat_streaming_and_our_400s(pair, images_server, reference):
     from openai import OpenAI
 
     ours, accounts, _, _ = pair
@@ -243,11 +224,11 @@ def test_an_authorized_key_gets_image_chat_streaming_and_our_400s(pair, recorder
     assert answer.choices[0].message.content == expected
     streamed = client.chat.completions.create(model="guarded", messages=image, max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
-    # An allow-listed host is fetched for an authorized key (the recorder works).
-    fetched = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": recorder.url}},
+    # An allow-listed host is fetched for an authorized key (the image server records it).
+    fetched = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": images_server.url("/red.png")}},
                                             {"type": "text", "text": "What is this?"}]}]
     assert client.chat.completions.create(model="guarded", messages=fetched, max_tokens=2).choices
-    assert recorder.hits
+    assert images_server.requests
     # An authorized client's mistake: our clear 400, with Xinference's request id.
     response = httpx.post(ours.endpoint + "/v1/chat/completions", timeout=60,
                           headers={"Authorization": f"Bearer {accounts.key}", "Origin": "http://ui.example"},

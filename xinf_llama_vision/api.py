@@ -62,29 +62,36 @@ def _error(status: int, message: str) -> Response:
     return Response(error_body(message, status), status_code=status, media_type="application/json")
 
 
+NESTED = "request body: JSON nested too deeply to read; send a flatter body"
 _MODEL_FIELD = re.compile(rb'^\s*\{\s*"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
-def request_model(raw: bytes) -> Tuple[Any, Optional[str]]:
-    r"""``(parsed body or the reason it cannot be parsed, model UID)``: the UID as far as it can
-    be read, so that a body for one of our models gets our 400 even when nothing else in it can be
-    read (its first field, or the field of an object that parses around invalid UTF-8).
+def request_model(raw: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[str], Optional[str]]:
+    r"""``(body, model UID, why the body cannot be used)``, each as far as it can be read: the UID
+    from an object that parses around invalid UTF-8, else from the body's first field, so that a
+    body for one of our models gets our 400 even when nothing else in it can be read.
 
-    >>> request_model(b'{"model": "m", "prompt": "\xff"}')[1], request_model(b"null")
-    ('m', (None, None))
-    >>> request_model(b'{"model": "m", "max_tokens": [1')
-    ("Expecting ',' delimiter: line 1 column 32 (char 31)", 'm')
+    >>> request_model(b'{"model": "m", "prompt": "\xff"}')[1:], request_model(b"null")
+    (('m', "request body: not valid JSON ('utf-8' codec can't decode byte 0xff in position 26: invalid start byte); send a JSON object in UTF-8"), (None, None, None))
+    >>> request_model(b'{"model": "m", "max_tokens": [1')[1:]
+    ('m', "request body: not valid JSON (Expecting ',' delimiter: line 1 column 32 (char 31)); send a JSON object")
     """
+    problem = None
     try:
-        data = json.loads(raw.decode("utf-8", "surrogateescape"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # read on around it, to find the model
+        problem = f"request body: not valid JSON ({e}); send a JSON object in UTF-8"
+        text = raw.decode("utf-8", "surrogateescape")
+    try:
+        data = json.loads(text)
     except (ValueError, RecursionError) as e:
         found = _MODEL_FIELD.match(raw)
-        why = "JSON nested too deeply to read; send a flatter body" if isinstance(e, RecursionError) else str(e)
-        return (why, json.loads(found.group(1))) if found else (None, None)
+        why = NESTED if isinstance(e, RecursionError) else f"request body: not valid JSON ({e}); send a JSON object"
+        return (None, json.loads(found.group(1)), why) if found else (None, None, None)
     if not isinstance(data, dict):
-        return None, None
+        return None, None, None
     model = data.get("model")
-    return data, model if isinstance(model, str) and model else None
+    return data, model if isinstance(model, str) and model else None, problem
 
 
 class Guard:
@@ -100,7 +107,7 @@ class Guard:
 
         request = kwargs["request"]
         raw = await request.body()  # Starlette keeps it: the endpoint reads the same bytes
-        data, model = request_model(raw)
+        data, model, problem = request_model(raw)
         policy = await self.policy(model) if model else None
         if policy is None:
             return await endpoint(*args, **kwargs)  # not ours: exactly as without the plugin
@@ -112,19 +119,15 @@ class Guard:
             if len(raw) > MAX_BODY_BYTES:
                 return _error(413, f"request body: more than {MAX_BODY_BYTES // 2**20} MiB, the most this server "
                                    "reads; send images as http(s) URLs or smaller images, and less text")
-            if not isinstance(data, dict):
-                raise RequestError(f"request body: not valid JSON ({data}); send a JSON object")
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RequestError(f"request body: not valid JSON ({e}); send a JSON object in UTF-8") from None
+            if problem:
+                raise RequestError(problem)
             json_object(data)
             checked = await asyncio.to_thread(CHECKS[path], data, policy)  # image downloads block
             problem = xinference_refusal(path, checked)
             if problem:
                 raise RequestError(problem)
-        except RecursionError:
-            return _error(400, "request body: JSON nested too deeply to read; send a flatter body")
+        except RecursionError:  # parsed, but too deep for the checks' walk
+            return _error(400, NESTED)
         except RequestError as e:
             logger.info("refused a request to %s: %s", path, e)
             return _error(400, str(e))

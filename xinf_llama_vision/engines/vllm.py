@@ -212,7 +212,8 @@ class _MllamaVLLM:
         # Launch options are checked here, so a bad one fails the launch with its message.
         context = context_length("max_model_len", config.get("max_model_len") or self._default_max_model_len(),
                                  self.model_path, self.model_family)
-        greedy = checkpoint_sampling(self.model_path).get("temperature") == 0.0
+        self._sampling_defaults = checkpoint_sampling(self.model_path)
+        greedy = self._sampling_defaults.get("temperature") == 0.0
         self._policy = launch_policy(self.kind, config, context, engine="vllm", greedy_default=greedy)
         self.model_family = launched(self.model_family, self._policy)
 
@@ -253,11 +254,11 @@ class _MllamaVLLM:
 
     # -- loading ----------------------------------------------------------------------
     def prepare_requests(self) -> None:
-        """What requests need besides the engine: tokenizer, image limits, sampling defaults."""
+        """What requests need besides the engine: the tokenizer and the stop ids (the checkpoint's sampling
+        defaults are read at construction, with the launch options)."""
         from transformers import AutoTokenizer
 
         self._hf_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self._sampling_defaults = checkpoint_sampling(self.model_path)
         self._stop_ids = [self._hf_tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
 
     def load(self):
