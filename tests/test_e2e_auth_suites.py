@@ -12,7 +12,11 @@ import pytest
 from test_e2e_auth import Accounts, start
 from test_e2e_concurrency import (  # noqa: F401 - fixtures and tests collected here
     expected,
+    one_row,
     test_32_concurrent_mixed_requests_equal_raw_transformers,
+    test_a_client_that_hangs_up_before_a_whole_answer_leaves_the_batch,
+    test_an_abort_by_request_id_ends_the_stream,
+    test_clients_that_hang_up_leave_the_batch,
 )
 from test_e2e_hostile import (  # noqa: F401 - fixtures and tests collected here
     allow_base,

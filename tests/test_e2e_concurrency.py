@@ -56,20 +56,77 @@ def test_32_concurrent_mixed_requests_equal_raw_transformers(server, chat_uid, e
     assert server.rss() <= baseline + 64 * 2**20, (baseline, server.rss(), processes_before, processes(server))
 
 
-def test_clients_that_hang_up_leave_the_batch(server, launched, expected):
-    """With one row (``--max_num_seqs 1``) a stream that would run 2000 tokens is abandoned after its
-    first chunk: the model says so in its log, and the next request gets the slot and its answer."""
-    uid = launched("llama-3.2-vision-instruct", "--disable-virtual-env", "--max_num_seqs", "1")
-    left = re.compile(r"a request left the batch after (\d+) of 2000 tokens: the client went away")
-    before = len(left.findall(server.log.read_text()))
-    run(server, uid, "hang-up")
-    assert run(server, uid, "text only", expected["text only"].options)[1] == expected["text only"].text
-    deadline = time.time() + 30
-    while len(left.findall(server.log.read_text())) == before and time.time() < deadline:
-        time.sleep(0.5)
-    found = left.findall(server.log.read_text())
-    assert len(found) == before + 1
-    assert int(found[-1]) < 2000
+#: The model's log line for a row that left early: after how many tokens, and why.
+LEFT = re.compile(r"a request left the batch after (\d+) of 2000 tokens: (the client went away|the request was aborted)")
+
+
+@pytest.fixture(scope="module")
+def one_row(launched):
+    """One row (``--max_num_seqs 1``): the next request gets the slot only once the last one left."""
+    return launched("llama-3.2-vision-instruct", "--disable-virtual-env", "--max_num_seqs", "1")
+
+
+def left_after(server, before: int, seconds: float = 30):
+    """The log's early leavers once there are more than ``before`` (waiting up to ``seconds``)."""
+    deadline = time.time() + seconds
+    while len(LEFT.findall(server.log.read_text())) == before and time.time() < deadline:
+        time.sleep(0.2)
+    return LEFT.findall(server.log.read_text())
+
+
+def test_clients_that_hang_up_leave_the_batch(server, one_row, expected):
+    """A stream that would run 2000 tokens is abandoned after its first chunk: it leaves the batch
+    at once (Xinference's abort reaches the engine by request id; no garbage collection needed), and
+    the next request gets the slot and its answer."""
+    before = len(LEFT.findall(server.log.read_text()))
+    run(server, one_row, "hang-up")
+    found = left_after(server, before)
+    assert len(found) == before + 1 and int(found[-1][0]) < 2000
+    assert run(server, one_row, "text only", expected["text only"].options)[1] == expected["text only"].text
+
+
+def test_a_client_that_hangs_up_before_a_whole_answer_leaves_the_batch(server, one_row, expected):
+    """Not streamed: the client gives up after a second (Xinference itself only watches vLLM's and
+    streams' clients; the guard watches ours), the request is cancelled down to the engine."""
+    import httpx
+
+    messages, _, _ = CASES["hang-up"]
+    before = len(LEFT.findall(server.log.read_text()))
+    client = server.openai().with_options(timeout=httpx.Timeout(1.0, connect=10.0))
+    with pytest.raises(Exception, match="timed out"):
+        client.chat.completions.create(model=one_row, messages=messages, max_tokens=2000, temperature=0)
+    found = left_after(server, before)
+    assert len(found) == before + 1 and found[-1][1] == "the client went away" and int(found[-1][0]) < 2000
+    assert run(server, one_row, "text only", expected["text only"].options)[1] == expected["text only"].text
+
+
+def test_an_abort_by_request_id_ends_the_stream(server, one_row, expected):
+    """``POST /v1/models/{uid}/requests/{id}/abort`` (Xinference's own route) for a stream that sent
+    its own ``request_id``: the row leaves the batch, the stream ends with an error, the next
+    request is served."""
+    import httpx
+    import openai
+
+    messages, _, _ = CASES["hang-up"]
+    before = len(LEFT.findall(server.log.read_text()))
+    stream = server.openai().chat.completions.create(model=one_row, messages=messages, max_tokens=2000,
+                                                     temperature=0, stream=True,
+                                                     extra_body={"request_id": "abort-me-please"})
+    chunks = iter(stream)
+    next(chunks)
+    headers = {"authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    answer = httpx.post(f"{server.endpoint}/v1/models/{one_row}/requests/abort-me-please/abort", json={},
+                        headers=headers, timeout=60)
+    assert answer.status_code == 200 and answer.json() == {"msg": "DONE"}
+    with pytest.raises(openai.APIError):
+        for _ in chunks:
+            pass
+    found = left_after(server, before)
+    assert len(found) == before + 1 and found[-1][1] == "the request was aborted"
+    again = httpx.post(f"{server.endpoint}/v1/models/{one_row}/requests/abort-me-please/abort", json={},
+                       headers=headers, timeout=60)
+    assert again.json() == {"msg": "NOT_FOUND"}  # done with: nothing left to abort
+    assert run(server, one_row, "text only", expected["text only"].options)[1] == expected["text only"].text
 
 
 def test_a_bad_launch_option_for_max_num_seqs_fails_the_launch(server, tiny_checkpoint):

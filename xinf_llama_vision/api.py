@@ -11,7 +11,8 @@ ban) have passed the request, and every answer of the wrapper leaves through the
   key's model scope, runs :mod:`.validation`, answers user mistakes with HTTP 400 (streaming or
   not), and hands the endpoint the body with images inlined. Requests for any other model, and
   bodies whose model cannot be read, go to Xinference's endpoint untouched. A launch of one of
-  our families on an engine that cannot run it gets the engine's reason.
+  our families on an engine that cannot run it gets the engine's reason. A whole (not streamed)
+  answer on the Transformers engine is cancelled when its client hangs up (:func:`unless_gone`).
 * ``GET /v1/xinf-llama-vision/status``: what the plugin registered, behind the same credential
   as Xinference's ``GET /v1/cluster/version``.
 * :class:`ContextRefusal`: a prompt that does not fit the context, found by the engine, is a 400
@@ -132,8 +133,11 @@ class Guard:
             logger.info("refused a request to %s: %s", path, e)
             return _error(400, str(e))
         kwargs["request"] = Request(request.scope, _replay(json.dumps(checked).encode(), request.receive))
+        call = endpoint(*args, **kwargs)
+        if policy.engine == "transformers" and not checked.get("stream"):
+            call = unless_gone(call, request.receive)  # Xinference races this itself for vLLM and streams
         try:
-            response = await endpoint(*args, **kwargs)
+            response = await call
         except HTTPException as e:  # a non-streamed context-length refusal is raised, not returned
             refusal = context_refusal(e.detail, policy) if e.status_code == 400 else None
             if refusal is None:
@@ -370,6 +374,31 @@ class ContextRefusal:
         await self.send(start)
         for m in held:
             await self.send(m)
+
+
+async def unless_gone(call: Awaitable[Any], receive) -> Any:
+    """``call``'s answer; if the client hangs up first, ``call`` is cancelled (through Xinference's
+    actor call, down to the engine, whose rows leave the batch) and the answer is an empty 499.
+    ``receive`` is the client's, with the body already read: its next message is the hang-up."""
+
+    async def hang_up() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    answer, gone = asyncio.ensure_future(call), asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if answer.done():
+        return answer.result()
+    answer.cancel()
+    await asyncio.gather(answer, return_exceptions=True)
+    logger.info("a client hung up before its answer: the request was cancelled")
+    return Response(status_code=499)
 
 
 def _replay(body: bytes, receive):

@@ -1,7 +1,7 @@
 """The Transformers engine: ``MllamaForConditionalGeneration`` + ``AutoProcessor``.
 
 The classes fill in the hooks of Xinference's ``PytorchModel`` (``load``, ``_load_model``,
-``match_json``, ``chat``/``generate``, ``stop``); device selection (CUDA, MPS, CPU;
+``match_json``, ``chat``/``generate``, ``abort_request``, ``stop``); device selection (CUDA, MPS, CPU;
 ``device_map="auto"`` across GPUs) and quantization stay Xinference's own. Requests are served by
 :mod:`.scheduler` (continuous batching, ``--max_num_seqs``, Xinference's default 16): ``chat`` and
 ``generate`` are coroutines that return a dict or an async generator, so Xinference runs them
@@ -58,6 +58,7 @@ class _Mllama:
         self.model_family = launched(self.model_family, self._policy)
         self._scheduler: Optional[Scheduler] = None
         self._grammars: Optional[Grammars] = None
+        self._requests: Dict[str, List[Sequence]] = {}  # request id → its rows, for abort_request
 
     @classmethod
     def check_lib(cls):
@@ -82,7 +83,7 @@ class _Mllama:
     def stop(self):
         if self._scheduler is not None:
             self._scheduler.close()
-            self._scheduler = None
+            self._scheduler = self._batch_scheduler = None
         super().stop()
 
     def load(self):
@@ -93,7 +94,19 @@ class _Mllama:
         if dtype is not None:
             config["torch_dtype"] = dtype
         super().load()
-        self._scheduler = Scheduler(self._model, self._max_num_seqs)
+        # Set, ``_batch_scheduler`` tells Xinference that this model batches: it then hands each
+        # request's id to chat/generate (``generate_config["request_id"]``) and calls
+        # abort_request with it when a client hangs up (or ``POST …/requests/{id}/abort``).
+        self._scheduler = self._batch_scheduler = Scheduler(self._model, self._max_num_seqs)
+
+    async def abort_request(self, request_id: str) -> str:
+        """Xinference's abort: the request's rows leave the batch at the next step."""
+        from xinference.model.scheduler.core import AbortRequestMessage
+
+        seqs = [seq for seq in self._requests.pop(str(request_id), []) if seq.active]
+        for seq in seqs:
+            seq.cancel("the request was aborted")
+        return (AbortRequestMessage.DONE if seqs else AbortRequestMessage.NOT_FOUND).name
 
     def _load_model(self, **kwargs):
         import transformers
@@ -164,6 +177,10 @@ class _Mllama:
             seed = None if sampling.seed is None else sampling.seed + i
             seqs.append(Sequence.create(self._model, inputs, choice_kwargs, loop, seed=seed,
                                         top_logprobs=sampling.logprobs))
+        # Rows that ended are forgotten here, so an id no abort came for does not stay.
+        self._requests = {key: rows for key, rows in self._requests.items() if any(seq.active for seq in rows)}
+        if config.get("request_id") is not None:
+            self._requests.setdefault(str(config["request_id"]), []).extend(seqs)
         for seq in seqs:
             self._scheduler.submit(seq)
         return sampling, prompt_tokens, seqs

@@ -90,6 +90,10 @@ def _logprob(logprobs: torch.Tensor, token: int, top: int) -> Logprob:
     return float(logprobs[token]), alternatives
 
 
+class RequestLeft(RuntimeError):
+    """What a caller still reading a cancelled sequence gets (Xinference's abort of a request)."""
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request: its processed inputs, how it samples and stops, and its way back to the caller."""
@@ -125,10 +129,19 @@ class Sequence:
                    stop_ids=set(generate_kwargs["eos_token_id"]), processors=processors, do_sample=do_sample,
                    loop=loop, generator=generator, top_logprobs=top_logprobs, ids=prompt_ids[0].tolist())
 
+    @property
+    def active(self) -> bool:
+        """Waiting or running, not yet told to leave."""
+        return not self.finished and self.cancelled is None
+
     def cancel(self, why: str = "the client went away") -> None:
         """The caller is gone (hung up, aborted) or has all it wants: leave the batch at the next step."""
-        if not self.finished and self.cancelled is None:
+        if self.active:
             self.cancelled = why
+
+    def leave(self) -> None:
+        """Out of the batch early (:meth:`cancel`): a caller still reading learns why."""
+        self.fail(RequestLeft(f"this request left the batch: {self.cancelled}"))
 
     def _send(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -244,6 +257,9 @@ class Scheduler:
             seq = self._waiting.pop(0)
             if seq.cancelled is None:
                 admitted.append(seq)
+            else:
+                logger.info("a request left the queue before it started: %s", seq.cancelled)
+                seq.leave()
         groups: Dict[Any, List[Sequence]] = {}
         for seq in admitted:
             groups.setdefault(prefill_key(seq.inputs), []).append(seq)
@@ -277,6 +293,7 @@ class Scheduler:
             seq = self._running[i]
             logger.info("a request left the batch after %d of %d tokens: %s", seq.generated, seq.max_new_tokens,
                         seq.cancelled)
+            seq.leave()
         if gone:
             self._leave(gone)
             if not self._running:
