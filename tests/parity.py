@@ -123,14 +123,18 @@ def test_stop_string_cuts_the_answer(server, chat_uid, reference):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
-def test_chat_beyond_the_context_is_a_400(server, chat_uid, stream):
-    """Only the engine knows the prompt's length; a max_tokens no prompt fits is refused up front."""
+def test_chat_beyond_the_context_is_a_400(server, chat_uid, reference, stream):
+    """Only the engine knows the prompt's length (its words come through); a max_tokens no prompt
+    fits is refused up front."""
     hi = [{"role": "user", "content": "hi"}]
+    prompt_tokens = len(reference.tokenizer(reference.render(hi), add_special_tokens=False)["input_ids"])
     status, answer = server.post("/v1/chat/completions", {"model": chat_uid, "stream": stream,
                                                            "max_tokens": CONTEXT - 6, "messages": hi})
     assert status == 400, answer
-    assert answer["error"]["message"] == (f"the prompt and max_tokens do not fit this model's context length of "
-                                          f"{CONTEXT} tokens; lower max_tokens or shorten the prompt")
+    assert answer["error"]["message"] == (
+        f"the prompt is {prompt_tokens} tokens and max_tokens is {CONTEXT - 6}: together more than this model's "
+        f"context length of {CONTEXT} tokens; lower max_tokens to at most {CONTEXT - prompt_tokens} or shorten the "
+        "prompt")
     status, answer = server.post("/v1/chat/completions", {"model": chat_uid, "stream": stream,
                                                            "max_tokens": CONTEXT, "messages": hi})
     assert status == 400, answer

@@ -136,7 +136,7 @@ def test_two_replicas_on_two_workers_and_failover(cluster, tiny_checkpoint, refe
     for i, b in zip(idle, busy):
         assert b > max(3 * i, 0.05), (idle, busy)  # both replicas did work
 
-    # The supervisor's API process checks and inlines images for the replicas as it does on one node.
+    # Each replica fetches and decodes its images; a refusal is the same 400 through the supervisor's API.
     image_messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(RED)}},
                                                    {"type": "text", "text": "What is this?"}]}]
     image_expected = reference.generate(reference.render(image_messages), [RED], MAX)[0]

@@ -12,6 +12,7 @@ import concurrent.futures
 import io
 import json
 import os
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -297,6 +298,31 @@ def test_local_files_only_inside_the_allowed_directory(server, reference, chat_u
         assert answer["error"]["message"].startswith("messages[0].content[0]: ") and fragment in answer["error"]["message"], answer
     status, answer = server.post("/v1/chat/completions", chat_body(chat_uid, red))  # a launch without the option
     assert status == 400 and "local files are not served" in answer["error"]["message"], answer
+
+
+def test_no_answer_a_client_can_get_shows_the_image_settings(server, launched, local_dir):
+    """The image settings are the operator's: the local directory and the allow-listed hosts stay in
+    the worker. Every GET route of the server (Xinference's OpenAPI list, with the model's uid put in
+    for ``{model_uid}``) answers without them, and so do a refused request and the plugin's status."""
+    hosts = "secret-host-4711.internal,10.47.11.0/24"
+    uid = launched("llama-3.2-vision-instruct", "--disable-virtual-env", "--image_local_dir", str(local_dir),
+                   "--image_allow_hosts", hosts)
+    secrets = [str(local_dir), "secret-host-4711", "10.47.11"]
+    paths = httpx.get(server.endpoint + "/openapi.json", timeout=30).json()["paths"]
+    gets = [p for p, methods in paths.items() if "get" in methods and set(re.findall(r"{(\w+)}", p)) <= {"model_uid"}]
+    assert {"/v1/models", "/v1/models/{model_uid}"} <= set(gets) and len(gets) > 20
+    gets.append("/v1/xinf-llama-vision/status")  # not in the schema
+    # Not about a model, and an administrator's: the server's own log, where Xinference writes each launch's options.
+    gets.remove("/v1/cluster/runtime-logs")
+    seen = {}
+    for path in gets:
+        answer = httpx.get(server.endpoint + path.replace("{model_uid}", uid), timeout=60)
+        seen[path] = answer.status_code
+        assert not [s for s in secrets if s in answer.text], (path, answer.text[:2000])
+    assert seen["/v1/models/{model_uid}"] == 200 and uid in httpx.get(server.endpoint + "/v1/models").text
+    for source in ("file:///etc/passwd", "http://10.47.12.1/a.png"):  # refused: the answer names no setting's value
+        status, answer = server.post("/v1/chat/completions", chat_body(uid, source))
+        assert status == 400 and not [s for s in secrets if s in json.dumps(answer)], answer
 
 
 def test_a_body_over_the_read_limit_is_a_413(server, allow_chat):

@@ -164,7 +164,7 @@ def test_launch_options_override_the_defaults(tiny_checkpoint):
     assert config["gpu_memory_utilization"] == 0.5 and config["dtype"] == "float32"
     assert config["limit_mm_per_prompt"] == {"image": 2}
     assert "max_images" not in config and "image_max_bytes" not in config  # the plugin's, not vLLM's
-    assert m._policy.max_images == 2 and m._policy.limits().max_bytes == 1024 * 1024
+    assert m._policy.max_images == 2 and m._limits.max_bytes == 1024 * 1024
 
 
 def test_limit_mm_per_prompt_and_max_images_are_one_setting(tiny_checkpoint):

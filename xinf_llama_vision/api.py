@@ -15,8 +15,8 @@ ban) have passed the request, and every answer of the wrapper leaves through the
   answer on the Transformers engine is cancelled when its client hangs up (:func:`unless_gone`).
 * ``GET /v1/xinf-llama-vision/status``: what the plugin registered, behind the same credential
   as Xinference's ``GET /v1/cluster/version``.
-* :class:`ContextRefusal`: a prompt that does not fit the context, found by the engine, is a 400
-  too (streaming included).
+* :class:`Refusal`: what the model process refuses (an image it cannot fetch or decode, a prompt
+  that does not fit the context) is a 400 too, streaming included.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from .errors import RequestError
+from .errors import REFUSAL_KEY, RequestError
 from .validation import CHECKS, POLICY_KEY, Policy, json_object
 
 logger = logging.getLogger("xinf_llama_vision")
@@ -138,13 +138,13 @@ class Guard:
             call = unless_gone(call, request.receive)  # Xinference races this itself for vLLM and streams
         try:
             response = await call
-        except HTTPException as e:  # a non-streamed context-length refusal is raised, not returned
-            refusal = context_refusal(e.detail, policy) if e.status_code == 400 else None
+        except HTTPException as e:  # a non-streamed context-length refusal of vLLM's is raised, not returned
+            refusal = refusal_in(e.detail, policy) if e.status_code == 400 else None
             if refusal is None:
                 raise
             logger.info("refused a request: %s", refusal)
             return _error(400, refusal)
-        return watch_context(response, policy)
+        return watch(response, policy)
 
     async def launch(self, path: str, endpoint, args, kwargs):
         """A launch, after Xinference's ``models:write`` check."""
@@ -285,6 +285,23 @@ def context_refusal(detail: Any, policy: Policy) -> Optional[str]:
     return None
 
 
+def refusal_in(payload: Any, policy: Policy) -> Optional[str]:
+    """The message of our 400 for what came back from the model (an answer, the first event of a
+    stream, an error's detail), else ``None``: an engine's refusal, or a context-length refusal in
+    Xinference's or vLLM's words.
+
+    >>> refusal_in({REFUSAL_KEY: "images[0]: not an image"}, Policy("base"))
+    'images[0]: not an image'
+    >>> refusal_in({"choices": []}, Policy("base")) is None
+    True
+    """
+    if isinstance(payload, dict):
+        if isinstance(payload.get(REFUSAL_KEY), str):
+            return payload[REFUSAL_KEY]
+        payload = payload.get("error", payload.get("detail"))
+    return context_refusal(payload, policy)
+
+
 def _first_event(body: bytes) -> Optional[Any]:
     r"""The data of the first complete server-sent event in ``body`` (pings skipped), ``None`` if none yet.
 
@@ -306,15 +323,15 @@ def _first_event(body: bytes) -> Optional[Any]:
 _WATCHED: Dict[type, type] = {}
 
 
-def watch_context(response, policy: Policy):
-    """``response``, sent through :class:`ContextRefusal` (same class to Xinference's route code,
-    which logs streams by their type: a subclass that only wraps ``send``)."""
+def watch(response, policy: Policy):
+    """``response``, sent through :class:`Refusal` (same class to Xinference's route code, which
+    logs streams by their type: a subclass that only wraps ``send``)."""
     cls = type(response)
     if not hasattr(response, "__call__") or cls.__module__ == __name__:
         return response
     if cls not in _WATCHED:
         async def call(self, scope, receive, send):
-            await cls.__call__(self, scope, receive, ContextRefusal(send, self._xlv_policy))
+            await cls.__call__(self, scope, receive, Refusal(send, self._xlv_policy))
 
         _WATCHED[cls] = type(cls.__name__, (cls,), {"__call__": call, "__module__": __name__})
     response.__class__ = _WATCHED[cls]
@@ -322,13 +339,14 @@ def watch_context(response, policy: Policy):
     return response
 
 
-class ContextRefusal:
-    """``send`` for a checked request to one of our models.
+class Refusal:
+    """``send`` for a checked request to one of our models: a refusal from the model becomes our 400.
 
-    Whether prompt plus ``max_tokens`` fit the context is known only once the engine has
-    tokenized the prompt. Xinference answers the engine's ``ContextLengthExceeded`` with a 400 in
-    its own words, and when streaming with a 200 whose first event is the error. Both become our
-    400; the start of every other answer is only held until its first event.
+    What only the model process can check (the images, which it fetches and decodes; whether the
+    tokenized prompt fits the context) comes back as an answer, or a stream's first event, that
+    carries :data:`~xinf_llama_vision.errors.REFUSAL_KEY`; vLLM's own context check as
+    Xinference's 400, or a stream's first event with the error. Each becomes our 400. The start
+    of every other answer is only held until its body (or a stream's first event) has come.
     """
 
     def __init__(self, send, policy: Policy):
@@ -341,10 +359,7 @@ class ContextRefusal:
         if self.done:
             return  # our 400 went out; the rest of Xinference's answer is dropped
         if message["type"] == "http.response.start":
-            headers = dict(message.get("headers") or [])
-            if message["status"] == 400 or (
-                message["status"] == 200 and headers.get(b"content-type", b"").startswith(b"text/event-stream")
-            ):
+            if message["status"] in (200, 400):
                 self.start = message
                 return
             return await self.send(message)
@@ -352,19 +367,19 @@ class ContextRefusal:
             return await self.send(message)
         self.held.append(message)
         body = b"".join(m.get("body", b"") for m in self.held)
-        if self.start["status"] == 400:
+        headers = dict(self.start.get("headers") or [])
+        if headers.get(b"content-type", b"").startswith(b"text/event-stream"):
+            payload = _first_event(body)
+            if payload is None and message.get("more_body"):
+                return  # pings only so far
+        else:
             if message.get("more_body"):
                 return
             try:
-                detail = json.loads(body).get("detail")
-            except (ValueError, AttributeError):
-                detail = None
-        else:
-            event = _first_event(body)
-            if event is None and message.get("more_body"):
-                return  # pings only so far
-            detail = event.get("error") if isinstance(event, dict) else None
-        refusal = context_refusal(detail, self.policy)
+                payload = json.loads(body)
+            except ValueError:
+                payload = None
+        refusal = refusal_in(payload, self.policy)
         if refusal:
             self.done = True
             logger.info("refused a request: %s", refusal)

@@ -145,12 +145,20 @@ def options_block() -> str:
     return table()
 
 
+def knobs_block() -> str:
+    """Every image setting: launch option, environment variables, default (:data:`.images.KNOBS`)."""
+    from .images import knobs_table
+
+    return knobs_table()
+
+
 #: file → generated block name → generator
 BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "families.md": {"families": families_block},
     "prompt-format.md": {"examples": prompt_examples_block},
     "vllm.md": {"vllm-launch": vllm_block},
     "api.md": {"options": options_block},
+    "security.md": {"knobs": knobs_block},
 }
 
 

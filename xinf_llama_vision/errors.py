@@ -1,9 +1,10 @@
 """The exceptions a client can see, in one place (nothing of ours imported here).
 
-Each becomes an HTTP 400 whose message names the problem and the fix: the API process's guard
-answers :class:`RequestError` (and :class:`ImageError`) itself, before Xinference's handler; a
-context-length refusal found by the engine travels as Xinference's ``ContextLengthExceeded``
-(``engines.common.ContextTooLong``), which Xinference answers with a 400 and the guard rewords.
+Each becomes an HTTP 400 whose message names the problem and the fix. The API process's guard
+answers a :class:`RequestError` it finds itself, before Xinference's handler. One found in the
+model process (an image it cannot fetch or decode, a prompt too long for the context) comes back
+as an answer ``{REFUSAL_KEY: message}`` instead of an exception, which Xinference would hide
+behind a 500 (``engines.common.answer_or_refusal``); the guard turns that answer into the 400.
 """
 
 
@@ -13,3 +14,7 @@ class RequestError(ValueError):
 
 class ImageError(RequestError):
     """An image that cannot be used; the message names it and says why (HTTP 400)."""
+
+
+#: The key of a model's answer that stands for a :class:`RequestError` (see the module's docstring).
+REFUSAL_KEY = "xinf_llama_vision_refusal"

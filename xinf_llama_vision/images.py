@@ -16,8 +16,7 @@ Pillow decodes completely (truncated or non-image bytes are refused); animated i
 first frame. Nothing is written to disk.
 
 Limits are :class:`ImageLimits`; each has an environment variable and a launch option
-(:data:`KNOBS`, rendered for ``docs/security.md`` by :func:`knobs_table`; run
-``python -m xinf_llama_vision.images`` to print it). Every refusal is an :class:`ImageError`
+(:data:`KNOBS`, rendered for ``docs/security.md`` by :func:`knobs_table`). Every refusal is an :class:`ImageError`
 (a :class:`~xinf_llama_vision.errors.RequestError`, answered with HTTP 400) whose message
 names the image (:func:`describe`), the problem and, for limits, the knob that changes it.
 """
@@ -72,6 +71,8 @@ class Knob:
     env: str
     kind: str  # seconds | bytes | pixels | count | hosts | dir
     reason: str
+    #: Xinference's own setting for the same limit (its media loader's), used when ours is unset.
+    host_env: Optional[str] = None
 
 
 KNOBS: Tuple[Knob, ...] = (
@@ -79,10 +80,11 @@ KNOBS: Tuple[Knob, ...] = (
          "Connect timeout, and the longest wait for any single read. A server that stops answering is dropped."),
     Knob("deadline", "image_deadline", "XLV_IMAGE_DEADLINE", "seconds",
          "Total time for one image, redirects included. Stops slow-drip servers that send a byte "
-         "just before each read timeout."),
+         "just before each read timeout.", "XINFERENCE_MEDIA_FETCH_TIMEOUT"),
     Knob("max_bytes", "image_max_bytes", "XLV_IMAGE_MAX_BYTES", "bytes",
          "Largest image (download, file or decoded data: URI). Reading stops past it; a larger "
-         "Content-Length is refused before the body is read. Accepts KiB/MiB/GiB suffixes."),
+         "Content-Length is refused before the body is read. Accepts KiB/MiB/GiB suffixes.",
+         "XINFERENCE_MEDIA_MAX_BYTES"),
     Knob("max_pixels", "image_max_pixels", "XLV_IMAGE_MAX_PIXELS", "pixels",
          "Largest width x height, checked from the header before decoding (decompression bombs). "
          "At most Pillow's own limit (89478485)."),
@@ -271,7 +273,8 @@ class ImageLimits:
 
     @classmethod
     def from_config(cls, config: Optional[Mapping[str, Any]] = None) -> "ImageLimits":
-        """Defaults, overridden by environment variables, overridden by launch options in ``config``.
+        """Defaults, overridden by Xinference's ``XINFERENCE_MEDIA_*`` setting for the same limit where
+        there is one, by our environment variables, then by launch options in ``config``.
 
         Raises :class:`ValueError` naming the launch option or environment variable that is wrong.
 
@@ -284,6 +287,8 @@ class ImageLimits:
                 raw, where = config[knob.option], f"launch option {knob.option}"
             elif os.environ.get(knob.env, "").strip():
                 raw, where = os.environ[knob.env], f"environment variable {knob.env}"
+            elif knob.host_env and os.environ.get(knob.host_env, "").strip():
+                raw, where = os.environ[knob.host_env], f"environment variable {knob.host_env}"
             else:
                 continue
             values[knob.field] = _parse(knob, raw, where, strict_dir=True)
@@ -322,7 +327,8 @@ def knobs_table() -> str:
         "|---|---|---|---|",
     ]
     for knob in KNOBS:
-        rows.append(f"| `{knob.option}` | `{knob.env}` | {_default_text(knob)} | {knob.reason} |")
+        env = f"`{knob.env}`" + (f" (else Xinference's `{knob.host_env}`)" if knob.host_env else "")
+        rows.append(f"| `{knob.option}` | {env} | {_default_text(knob)} | {knob.reason} |")
     return "\n".join(rows) + "\n"
 
 
@@ -901,20 +907,15 @@ def load_image(source: str, limits: Optional[ImageLimits] = None):
     return image
 
 
-def load_images(sources: Sequence[str], limits: Optional[ImageLimits] = None) -> list:
-    """Every source in order, as RGB PIL images."""
-    limits = limits if limits is not None else ImageLimits.from_config(None)
-    return [load_image(s, limits) for s in sources]
-
-
-def inline(source: str, limits: Optional[ImageLimits] = None) -> str:
-    """Validate a source completely (fetch/read and full decode) and return a base64 ``data:``
-    URI of its original bytes, so the model process only ever receives data URIs."""
-    limits = limits if limits is not None else ImageLimits.from_config(None)
-    data = read_bytes(source, limits)
-    _, fmt = decode(data, source, limits)
-    return f"data:{_MIME.get(fmt, 'application/octet-stream')};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-if __name__ == "__main__":  # python -m xinf_llama_vision.images → the knobs table for docs/security.md
-    print(knobs_table(), end="")
+def load_images(sources: Sequence[str], limits: ImageLimits, where: Sequence[str] = ()) -> list:
+    """Every source in order, as RGB PIL images; a refusal names where the image was in the request
+    (``where``, e.g. ``messages[0].content[1]: …``)."""
+    images = []
+    for k, source in enumerate(sources):
+        try:
+            images.append(load_image(source, limits))
+        except ImageError as e:
+            if k >= len(where):
+                raise
+            raise ImageError(f"{where[k]}: {e}") from None
+    return images

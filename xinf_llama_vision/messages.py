@@ -34,10 +34,12 @@ DEFAULT_MAX_IMAGES = 1
 
 @dataclass(frozen=True)
 class Prompt:
-    """The prompt text (special tokens included) and the image sources in prompt order."""
+    """The prompt text (special tokens included), the image sources in prompt order, and where in
+    the request each one was (``messages[0].content[1]``, ``images[0]``: what a refusal names)."""
 
     text: str
     images: Tuple[str, ...] = ()
+    where: Tuple[str, ...] = ()
 
 
 def header(role: str) -> str:
@@ -316,7 +318,7 @@ def build_chat_prompt(
     if user_supplied_system:
         system_message = text_only(content_parts(messages[0]["content"], _where(0)), _where(0), "system").strip()
     turns: List[Tuple[str, str]] = []  # (header role, body)
-    separate, images = list(images), []
+    separate, images, locations = list(images), [], []
     for i in range(int(user_supplied_system), len(messages)):
         m, where = messages[i], _where(i)
         role = m["role"]
@@ -333,6 +335,7 @@ def build_chat_prompt(
             for j, p in enumerate(parts):
                 if p["type"] == "image":
                     images.append(p["url"] if p["url"] is not None else _separate_image(separate, f"{where}.content[{j}]"))
+                    locations.append(f"{where}.content[{j}]")
             turns.append((role, "".join(IMAGE if p["type"] == "image" else p["text"] for p in parts)))
     if separate:
         raise RequestError(
@@ -380,7 +383,7 @@ def build_chat_prompt(
     text = "".join(out)
     if text.count(IMAGE) != len(images):  # typed into a tool result, a tool definition, the date, ...
         raise RequestError(_typed_image_token("request"))
-    return Prompt(text, tuple(images))
+    return Prompt(text, tuple(images), tuple(locations))
 
 
 def _separate_image(separate: List[str], where: str) -> str:
@@ -397,7 +400,7 @@ def _separate_image(separate: List[str], where: str) -> str:
 def replace_images(messages: Sequence[Dict[str, Any]], sources: Sequence[str]) -> List[Dict[str, Any]]:
     """A copy of ``messages`` whose image parts, in prompt order, point at ``sources`` instead.
 
-    The API process uses it to forward inlined (``data:``) images to the model.
+    The API process uses it to put a chat's separate ``images`` into the parts that take them.
 
     >>> replace_images([{"role": "user", "content": [{"type": "image", "url": "https://x"}, {"type": "text", "text": "?"}]}],
     ...                ["data:image/png;base64,AAAA"])[0]["content"]
@@ -448,4 +451,4 @@ def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images:
     while text.startswith(IMAGE, lead * len(IMAGE)):
         lead += 1
     cut = lead * len(IMAGE)
-    return Prompt(text[:cut] + BOS + text[cut:], tuple(images))
+    return Prompt(text[:cut] + BOS + text[cut:], tuple(images), tuple(f"images[{k}]" for k in range(len(images))))

@@ -1,25 +1,26 @@
 """Request checks that run in Xinference's API process, before a request reaches the model.
 
-Xinference's REST layer answers most exceptions raised inside a model with a generic HTTP 500,
-and a streaming request has already sent its 200 by then. So every check that can fail because
-of what the user sent runs here first (:mod:`xinf_llama_vision.api` calls :func:`check`): a
-:class:`~xinf_llama_vision.errors.RequestError` becomes an HTTP 400 with its message.
-http(s) images are fetched here (once, through the safe loader) and forwarded to the model as
-``data:`` URIs, so the model process never opens a URL.
+Every check that needs only the request and the model's :class:`Policy` runs here first
+(:mod:`xinf_llama_vision.api` calls :data:`CHECKS`): a
+:class:`~xinf_llama_vision.errors.RequestError` becomes an HTTP 400 with its message, before
+Xinference's handler, which would answer most exceptions from a model with a generic 500 (and a
+stream with a 200 already sent). Images are not opened here: the model process fetches and
+decodes each one once, under the operator's image settings, which stay in the worker; its
+refusals come back as 400s too (:func:`~xinf_llama_vision.engines.common.answer_or_refusal`).
 
-Each launched model publishes its :class:`Policy` (family kind, image limits) in its Xinference
-description; models without one are not ours and pass through untouched.
+Each launched model publishes its :class:`Policy` in its Xinference description, which any
+client allowed to list models can read: it holds nothing an operator would keep to themselves.
+Models without one are not ours and pass through untouched.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .generation import Sampling, sampling_from_config
 from .grammar import check_schema
-from .errors import ImageError, RequestError
-from .images import ImageLimits, inline
+from .errors import RequestError
 from .parsing import whole_number
 from .messages import (
     DEFAULT_MAX_IMAGES,
@@ -49,7 +50,6 @@ class Policy:
 
     kind: str  # "base" or "instruct"
     max_images: int = DEFAULT_MAX_IMAGES
-    image_limits: Dict[str, Any] = field(default_factory=dict)
     #: Prompt plus output tokens the engine takes; ``None`` when unknown (no up-front check).
     context_length: Optional[int] = None
     #: ``"vllm"``: vLLM samples several choices (``n``) only at a temperature above 0.
@@ -62,11 +62,8 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
-        names = ("kind", "max_images", "image_limits", "context_length", "engine", "greedy_default")
+        names = ("kind", "max_images", "context_length", "engine", "greedy_default")
         return cls(**{k: data[k] for k in names if k in data})
-
-    def limits(self) -> ImageLimits:
-        return ImageLimits(**self.image_limits)
 
 
 def launch_policy(kind: str, config: Optional[Mapping[str, Any]], context_length: Optional[int] = None,
@@ -82,7 +79,7 @@ def launch_policy(kind: str, config: Optional[Mapping[str, Any]], context_length
     """
     config = dict(config or {})
     return Policy(kind=kind, max_images=launch_int("max_images", config.get("max_images", DEFAULT_MAX_IMAGES)),
-                  image_limits=ImageLimits.from_config(config).to_dict(), context_length=context_length, **engine)
+                  context_length=context_length, **engine)
 
 
 def launch_int(name: str, value: Any) -> int:
@@ -215,53 +212,25 @@ def completion_prompt(prompt: Any, config: Mapping[str, Any], policy: Policy) ->
     return build_completion_prompt(prompt, request_images(config), max_images=policy.max_images)
 
 
-def image_locations(messages: Any) -> List[str]:
-    """Where each image part of (already checked) chat messages is, in prompt order.
-
-    >>> image_locations([{"role": "user", "content": [{"type": "text", "text": "?"}, {"type": "image_url"}]}])
-    ['messages[0].content[1]']
-    """
-    return [
-        f"messages[{i}].content[{j}]"
-        for i, m in enumerate(messages)
-        if isinstance(m.get("content"), list)
-        for j, part in enumerate(m["content"])
-        if isinstance(part, dict) and part.get("type") in ("image_url", "image")
-    ]
-
-
-def _inline_all(sources, where: List[str], limits: ImageLimits) -> List[str]:
-    """Every image inlined; a refusal names the part it came from (``messages[0].content[1]: …``)."""
-    out = []
-    for source, at in zip(sources, where):
-        try:
-            out.append(inline(source, limits))
-        except ImageError as e:
-            raise ImageError(f"{at}: {e}") from None
-    return out
-
-
 def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:
-    """Validate a ``/v1/chat/completions`` body; return it with every image inlined as a data URI."""
+    """Validate a ``/v1/chat/completions`` body; return it with every image in the part it goes in."""
     body = json_object(body)
     prompt, _ = chat_prompt(body.get("messages"), body, policy)
     check_schema(request_sampling(body, policy).response_format)
     out = _carry_options({k: v for k, v in body.items() if k != "images"})  # images: now in the parts that take them
     if prompt.images:
-        inlined = _inline_all(prompt.images, image_locations(body["messages"]), policy.limits())
-        out["messages"] = replace_images(body["messages"], inlined)
+        out["messages"] = replace_images(body["messages"], prompt.images)
     return out
 
 
 def check_completion(body: Any, policy: Policy) -> Dict[str, Any]:
-    """Validate a ``/v1/completions`` body; its ``images`` travel on, inlined, to the model."""
+    """Validate a ``/v1/completions`` body; its ``images`` travel on to the model."""
     body = json_object(body)
     prompt = completion_prompt(body.get("prompt"), body, policy)
     check_schema(request_sampling(body, policy).response_format)
     out = {k: v for k, v in body.items() if k != "images"}
     if prompt.images:
-        where = [f"images[{k}]" for k in range(len(prompt.images))]
-        out = _carry(out, COMPLETION_IMAGES, _inline_all(prompt.images, where, policy.limits()))
+        out = _carry(out, COMPLETION_IMAGES, list(prompt.images))
     return _carry_options(out)
 
 

@@ -1,11 +1,12 @@
-"""What every engine shares beyond :mod:`..validation`: publishing the launch policy, and the
-context length with the one check of a request that needs the tokenized prompt."""
+"""What every engine shares beyond :mod:`..validation`: publishing the launch policy, the context
+length with the one check of a request that needs the tokenized prompt, and refusals that reach
+the client as a 400."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Awaitable, Dict, Optional
 
 from xinference.model.llm.llm_family import LLMFamilyV2
 
@@ -14,8 +15,25 @@ try:  # Xinference >= 4.1 answers this with a 400
 except ImportError:  # pragma: no cover - Xinference 4.0
     ContextLengthExceeded = ValueError
 
-from ..errors import RequestError
+from ..errors import REFUSAL_KEY, RequestError
 from ..validation import POLICY_KEY, Policy, launch_int
+
+
+async def answer_or_refusal(answer: Awaitable[Any], stream: bool) -> Any:
+    """``answer``; a :class:`RequestError` becomes ``{REFUSAL_KEY: message}`` (the first and only
+    chunk of a stream), which the API guard answers with a 400 (Xinference would hide the message
+    behind a 500)."""
+    try:
+        return await answer
+    except RequestError as e:
+        refusal: Dict[str, str] = {REFUSAL_KEY: str(e)}
+        if not stream:
+            return refusal
+
+        async def one_chunk():
+            yield refusal
+
+        return one_chunk()
 
 
 class LaunchedFamily(LLMFamilyV2):
@@ -51,8 +69,9 @@ def context_length(option: str, launch_value: Any, model_path: str, family: LLMF
 
 
 class ContextTooLong(RequestError, ContextLengthExceeded):
-    """Prompt plus ``max_tokens`` do not fit the context. Xinference answers its own
-    ``ContextLengthExceeded`` with a 400; the API guard turns the streamed form into one too."""
+    """Prompt plus ``max_tokens`` do not fit the context: a :class:`RequestError` like any other
+    (:func:`answer_or_refusal`), and Xinference's own ``ContextLengthExceeded``, a 400 wherever it
+    escapes."""
 
 
 def output_room(prompt_tokens: int, max_tokens: Optional[int], context: int) -> int:

@@ -32,12 +32,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from packaging.version import InvalidVersion, Version
 from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 
-from ..images import KNOBS, load_images
+from ..images import KNOBS, ImageLimits, load_images
 from ..messages import Prompt
 from ..registration import ENGINE_ENVS, our_family, serves
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, vllm_pins
 from ..validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling, with_carried
-from .common import checkpoint_max_positions, context_length, launched, output_room
+from .common import answer_or_refusal, checkpoint_max_positions, context_length, launched, output_room
 
 logger = logging.getLogger("xinf_llama_vision")
 
@@ -215,6 +215,7 @@ class _MllamaVLLM:
         self._sampling_defaults = checkpoint_sampling(self.model_path)
         greedy = self._sampling_defaults.get("temperature") == 0.0
         self._policy = launch_policy(self.kind, config, context, engine="vllm", greedy_default=greedy)
+        self._limits = ImageLimits.from_config(config)  # the operator's image settings: here only, never published
         self.model_family = launched(self.model_family, self._policy)
 
     def launch_config(self, model_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -341,7 +342,7 @@ class _MllamaVLLM:
         output_room(len(ids), config.get("max_tokens"), self._policy.context_length)
         inputs: Dict[str, Any] = {"prompt_token_ids": ids, "prompt": prompt.text}
         if prompt.images:
-            images = await asyncio.to_thread(load_images, prompt.images, self._policy.limits())
+            images = await asyncio.to_thread(load_images, prompt.images, self._limits, prompt.where)
             inputs["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
         return inputs
 
@@ -358,15 +359,25 @@ class _MllamaVLLM:
         return await self.vllm_inputs(prompt, config), config
 
     async def async_generate(self, prompt, generate_config=None, tools=False, request_id=None):
-        if isinstance(prompt, str):  # a raw completion request (both families)
-            prompt, generate_config = await self.completion_inputs(prompt, generate_config)
-        return await super().async_generate(prompt, generate_config, tools, request_id=request_id)
+        if not isinstance(prompt, str):  # our chat's input, from async_chat
+            return await super().async_generate(prompt, generate_config, tools, request_id=request_id)
+        return await answer_or_refusal(self._completion(prompt, generate_config, request_id),
+                                       bool((generate_config or {}).get("stream")))
+
+    async def _completion(self, prompt: str, generate_config: Optional[Dict], request_id: Optional[str]):
+        """A raw completion request (both families)."""
+        inputs, config = await self.completion_inputs(prompt, generate_config)
+        return await super().async_generate(inputs, config, False, request_id=request_id)
 
 
 class MllamaVLLMChatModel(_MllamaVLLM, VLLMMultiModel):
     """``llama-3.2-vision-instruct`` on vLLM: chat with images through the official template."""
 
     kind = "instruct"
+
+    async def async_chat(self, messages, generate_config=None, request_id=None):
+        stream = bool((generate_config or {}).get("stream"))
+        return await answer_or_refusal(super().async_chat(messages, generate_config, request_id=request_id), stream)
 
     async def _prepare_chat_inputs(self, messages: List[Dict], generate_config: Optional[Dict]):
         config = dict(generate_config or {})

@@ -19,11 +19,11 @@ from xinference.model.llm.transformers.core import PytorchChatModel, PytorchMode
 
 from ...generation import Detokenizer, Sampling, StopText
 from ...grammar import Grammars
-from ...images import load_images
+from ...images import ImageLimits, load_images
 from ...messages import Prompt
 from ...registration import serves
 from ...validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling
-from ..common import context_length, launched, output_room
+from ..common import answer_or_refusal, context_length, launched, output_room
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
 from .scheduler import Logprob, Scheduler, Sequence
@@ -55,6 +55,7 @@ class _Mllama:
         context = context_length("context_length", config.get("context_length"), self.model_path, self.model_family)
         self._policy = launch_policy(self.kind, config, context)
         self._max_num_seqs = launch_int("max_num_seqs", config.get("max_num_seqs"))
+        self._limits = ImageLimits.from_config(config)  # the operator's image settings: here only, never published
         self.model_family = launched(self.model_family, self._policy)
         self._scheduler: Optional[Scheduler] = None
         self._grammars: Optional[Grammars] = None
@@ -125,7 +126,7 @@ class _Mllama:
     # -- one request ------------------------------------------------------------------
     def _inputs(self, prompt: Prompt):
         """Load the images and run the processor (in a worker thread: image decoding is slow)."""
-        images = load_images(prompt.images, self._policy.limits())
+        images = load_images(prompt.images, self._limits, prompt.where)
         inputs = self._processor(
             images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
         )
@@ -253,6 +254,9 @@ class _Mllama:
     async def generate(self, prompt: str, generate_config: Optional[Dict] = None, **kwargs):
         """Raw completion (both families); images ride in the request's ``images`` list."""
         config = dict(generate_config or {})
+        return await answer_or_refusal(self._generate(prompt, config), bool(config.get("stream")))
+
+    async def _generate(self, prompt: str, config: Dict[str, Any]):
         return await self._complete(completion_prompt(prompt, config, self._policy), config, chat=False)
 
 
@@ -303,6 +307,9 @@ class MllamaChatModel(_Mllama, PytorchChatModel):
 
     async def chat(self, messages: List[Dict], generate_config: Optional[Dict] = None, **kwargs):
         config = dict(generate_config or {})
+        return await answer_or_refusal(self._chat(messages, config), bool(config.get("stream")))
+
+    async def _chat(self, messages: List[Dict], config: Dict[str, Any]):
         prompt, tools = chat_prompt(messages, config, self._policy)
         if tools:  # never streamed, one choice (both refused up front): parse the answer for a tool call
             result = await self._complete(prompt, config, chat=False)
