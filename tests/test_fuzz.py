@@ -32,7 +32,7 @@ from fuzz_strategies import (
     message_lists,
     tools,
 )
-from xinf_llama_vision import images
+from xinf_llama_vision import image_fetch
 from xinf_llama_vision.errors import RequestError
 from xinf_llama_vision.messages import build_chat_prompt
 from xinf_llama_vision.validation import Policy, check_chat, check_completion
@@ -57,14 +57,14 @@ def report(config, title: str, counts: collections.Counter) -> None:
 def no_network():
     """Safety net: the loader may not resolve names or open sockets during the adapter fuzz
     (the strategies only name literal private addresses, which are refused before connecting)."""
-    saved = images._resolve, images._open_socket
+    saved = image_fetch._resolve, image_fetch._open_socket
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"the fuzz tried to reach the network: {args}")
 
-    images._resolve = images._open_socket = refuse
+    image_fetch._resolve = image_fetch._open_socket = refuse
     yield
-    images._resolve, images._open_socket = saved
+    image_fetch._resolve, image_fetch._open_socket = saved
 
 
 policies = st.builds(Policy, kind=st.sampled_from(["instruct"] * 4 + ["base"]), max_images=st.integers(1, 3))

@@ -1,8 +1,8 @@
 """The image loader against hostile and faulty sources (no Xinference server needed).
 
 A real HTTP server runs in a thread on 127.0.0.1. Safety net for every test: the loader's name
-lookup (``images._resolve``) answers only from a table the test sets, and its socket opener
-(``images._open_socket``) connects to loopback only and records every attempt, so no test can
+lookup (``image_fetch._resolve``) answers only from a table the test sets, and its socket opener
+(``image_fetch._open_socket``) connects to loopback only and records every attempt, so no test can
 send traffic anywhere else.
 """
 
@@ -29,9 +29,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image, ImageFile
 
-from xinf_llama_vision import images
+from xinf_llama_vision import image_fetch, image_policy, images
 from xinf_llama_vision.errors import ImageError, RequestError
-from xinf_llama_vision.images import KNOBS, ImageLimits, describe, load_image, load_images
+from xinf_llama_vision.image_policy import KNOBS, ImageLimits, describe
+from xinf_llama_vision.images import load_image, load_images
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ("127.0.0.1", "::1")
@@ -88,7 +89,7 @@ class Net:
 @pytest.fixture(autouse=True)
 def net(monkeypatch):
     n = Net()
-    real_open = images._open_socket
+    real_open = image_fetch._open_socket
 
     def resolve(host, port):
         n.lookups.append(host)
@@ -103,8 +104,8 @@ def net(monkeypatch):
             raise ConnectionRefusedError("test safety net: only loopback may be connected to")
         return real_open(address, port, timeout)
 
-    monkeypatch.setattr(images, "_resolve", resolve)
-    monkeypatch.setattr(images, "_open_socket", open_socket)
+    monkeypatch.setattr(image_fetch, "_resolve", resolve)
+    monkeypatch.setattr(image_fetch, "_open_socket", open_socket)
     for knob in KNOBS:
         monkeypatch.delenv(knob.env, raising=False)
     return n
@@ -404,7 +405,7 @@ def test_good_image_is_fetched_when_loopback_is_allow_listed(srv):
     ],
 )
 def test_non_public_addresses_are_refused_before_connecting(address, why, net):
-    assert images.address_refusal(address).startswith(why)
+    assert image_policy.address_refusal(address).startswith(why)
     host = f"[{address}]" if ":" in address else address
     refused(f"http://{host}:8080/x.png", None, f"{why}", address)
     net.names["name.test"] = [address]
@@ -415,7 +416,7 @@ def test_non_public_addresses_are_refused_before_connecting(address, why, net):
 @pytest.mark.parametrize("address", ["93.184.215.14", "8.8.8.8", "2606:4700:4700::1111"])
 def test_public_addresses_pass_the_check(address):
     assert ipaddress.ip_address(address).is_global
-    assert images.address_refusal(address) is None
+    assert image_policy.address_refusal(address) is None
 
 
 def test_one_bad_address_among_several_refuses_the_host(net):
@@ -575,7 +576,7 @@ def tls(tmp_path_factory):
 
 
 def test_https_uses_the_url_host_for_sni_and_certificate(tls, net, monkeypatch):
-    monkeypatch.setattr(images, "_ssl_context", lambda: tls.client_ctx)
+    monkeypatch.setattr(image_fetch, "_ssl_context", lambda: tls.client_ctx)
     tls.hits.clear()
     tls.sni.clear()
     port = tls.server_address[1]
@@ -769,8 +770,12 @@ def test_launch_option_beats_env_var_in_behaviour(srv, monkeypatch):
 
 
 def test_doctests_of_the_module_pass():
-    result = doctest.testmod(images, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted >= 20
+    attempted = 0
+    for module in (images, image_policy, image_fetch):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module
+        attempted += result.attempted
+    assert attempted >= 20
 
 
 def test_describe_names_sources_briefly():

@@ -146,8 +146,8 @@ def options_block() -> str:
 
 
 def knobs_block() -> str:
-    """Every image setting: launch option, environment variables, default (:data:`.images.KNOBS`)."""
-    from .images import knobs_table
+    """Every image setting: launch option, environment variables, default (:data:`.image_policy.KNOBS`)."""
+    from .image_policy import knobs_table
 
     return knobs_table()
 

@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from packaging.version import InvalidVersion, Version
 from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 
-from ..images import KNOBS, ImageLimits, load_images
+from ..image_policy import KNOBS, ImageLimits
+from ..images import load_images
 from ..messages import Prompt
 from ..registration import ENGINE_ENVS, our_family, serves
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, vllm_pins

@@ -19,7 +19,8 @@ from xinference.model.llm.transformers.core import PytorchChatModel, PytorchMode
 
 from ...generation import Detokenizer, Sampling, StopText
 from ...grammar import Grammars
-from ...images import ImageLimits, load_images
+from ...image_policy import ImageLimits
+from ...images import load_images
 from ...messages import Prompt
 from ...registration import serves
 from ...validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling
