@@ -397,33 +397,6 @@ def _separate_image(separate: List[str], where: str) -> str:
     return separate.pop(0)
 
 
-def replace_images(messages: Sequence[Dict[str, Any]], sources: Sequence[str]) -> List[Dict[str, Any]]:
-    """A copy of ``messages`` whose image parts, in prompt order, point at ``sources`` instead.
-
-    The API process uses it to put a chat's separate ``images`` into the parts that take them.
-
-    >>> replace_images([{"role": "user", "content": [{"type": "image", "url": "https://x"}, {"type": "text", "text": "?"}]}],
-    ...                ["data:image/png;base64,AAAA"])[0]["content"]
-    [{'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,AAAA'}}, {'type': 'text', 'text': '?'}]
-    """
-    remaining = list(sources)
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [
-                {"type": "image_url", "image_url": {"url": remaining.pop(0)}}
-                if isinstance(part, dict) and part.get("type") in ("image_url", "image")
-                else part
-                for part in content
-            ]
-            message = {**message, "content": content}
-        out.append(message)
-    if remaining:
-        raise ValueError(f"{len(remaining)} image source(s) left over: the messages hold fewer images")
-    return out
-
-
 def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images: Optional[int] = None) -> Prompt:
     """A base-model prompt with exactly one ``<|begin_of_text|>``, placed as Meta's processor does.
 

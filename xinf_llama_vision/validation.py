@@ -28,16 +28,15 @@ from .messages import (
     build_chat_prompt,
     build_completion_prompt,
     check_tools,
-    replace_images,
     valid_unicode,
 )
 from .options import CHAT, COMPLETIONS, check_options
 
 #: The key under which a launched model publishes its policy in its Xinference description.
 POLICY_KEY = "xinf_llama_vision"
-#: Xinference's completion route passes only known fields on to the model; images for
-#: ``/v1/completions`` travel inside ``chat_template_kwargs`` under this key.
-COMPLETION_IMAGES = "xinf_llama_vision_images"
+#: Xinference's REST layer passes only known fields on to the model; a request's separate
+#: ``images`` travel inside ``chat_template_kwargs`` under this key.
+IMAGES = "xinf_llama_vision_images"
 #: Options Xinference's REST layer drops before the model (``n`` everywhere, ``response_format``
 #: from completions): the API process carries them to the model under this key instead.
 CARRIED = "xinf_llama_vision_options"
@@ -135,8 +134,8 @@ def template_options(config: Mapping[str, Any]) -> Dict[str, Any]:
 
 def request_images(body: Mapping[str, Any]) -> List[str]:
     """The request's separate ``images`` field, a list of image URLs: a completion's images, or a
-    chat's for its ``{"type": "image"}`` parts (once the API process has checked a completion, its
-    images travel on in ``chat_template_kwargs``; a chat's are put into their parts).
+    chat's for its ``{"type": "image"}`` parts (once the API process has checked a request, they
+    travel on in ``chat_template_kwargs``, where Xinference lets them through).
 
     >>> request_images({"images": ["data:image/png;base64,AAAA"]})
     ['data:image/png;base64,AAAA']
@@ -146,8 +145,8 @@ def request_images(body: Mapping[str, Any]) -> List[str]:
     xinf_llama_vision.errors.RequestError: images: expected a list of image URLs (data: URIs or http(s) URLs), got str
     """
     kwargs = body.get("chat_template_kwargs")
-    if isinstance(kwargs, dict) and COMPLETION_IMAGES in kwargs:
-        images = kwargs[COMPLETION_IMAGES]
+    if isinstance(kwargs, dict) and IMAGES in kwargs:
+        images = kwargs[IMAGES]
     else:
         images = body.get("images")
     if images is None:
@@ -213,25 +212,26 @@ def completion_prompt(prompt: Any, config: Mapping[str, Any], policy: Policy) ->
 
 
 def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:
-    """Validate a ``/v1/chat/completions`` body; return it with every image in the part it goes in."""
+    """Validate a ``/v1/chat/completions`` body; its separate ``images`` travel on to the model."""
     body = json_object(body)
-    prompt, _ = chat_prompt(body.get("messages"), body, policy)
+    chat_prompt(body.get("messages"), body, policy)
     check_schema(request_sampling(body, policy).response_format)
-    out = _carry_options({k: v for k, v in body.items() if k != "images"})  # images: now in the parts that take them
-    if prompt.images:
-        out["messages"] = replace_images(body["messages"], prompt.images)
-    return out
+    return _carry_options(_carry_images(body))
 
 
 def check_completion(body: Any, policy: Policy) -> Dict[str, Any]:
     """Validate a ``/v1/completions`` body; its ``images`` travel on to the model."""
     body = json_object(body)
-    prompt = completion_prompt(body.get("prompt"), body, policy)
+    completion_prompt(body.get("prompt"), body, policy)
     check_schema(request_sampling(body, policy).response_format)
-    out = {k: v for k, v in body.items() if k != "images"}
-    if prompt.images:
-        out = _carry(out, COMPLETION_IMAGES, list(prompt.images))
-    return _carry_options(out)
+    return _carry_options(_carry_images(body))
+
+
+def _carry_images(body: Dict[str, Any]) -> Dict[str, Any]:
+    """``body`` with its (checked) ``images`` moved where Xinference's REST layer lets them through."""
+    if body.get("images") is None:
+        return body
+    return _carry({k: v for k, v in body.items() if k != "images"}, IMAGES, request_images(body))
 
 
 def _carry(body: Dict[str, Any], key: str, value: Any) -> Dict[str, Any]:
