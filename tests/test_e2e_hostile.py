@@ -174,7 +174,7 @@ def test_local_url_refused_by_default_and_served_when_allow_listed(server, image
         assert status == 200, answer
         choice = answer["choices"][0]
         assert (choice["message"]["content"] if "message" in choice else choice["text"]) == expected
-        assert len(images_server.requests) == before + 1  # fetched once, by the API process
+        assert len(images_server.requests) == before + 1  # fetched once, by the model process
 
 
 # -- every refusal is a 400 that names the problem ------------------------------------------
