@@ -24,27 +24,13 @@ import os
 #: Shapes chosen to also satisfy vLLM's CPU kernels: text head size 32 and a vision
 #: patch size of 14 with 28-pixel tiles.
 TEXT = dict(
-    vocab_size=128256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    cross_attention_layers=[1],
-    max_position_embeddings=4096,
+    vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    num_attention_heads=2, num_key_value_heads=1, cross_attention_layers=[1], max_position_embeddings=4096,
     rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
 VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_global_layers=1,
-    attention_heads=2,
-    intermediate_layers_indices=[0],
-    vision_output_dim=64,
-    image_size=28,
-    patch_size=14,
-    max_num_tiles=4,
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+    intermediate_layers_indices=[0], vision_output_dim=64, image_size=28, patch_size=14, max_num_tiles=4,
 )
 #: A larger random checkpoint with 11B's layer pattern scaled down (cross-attention every 4th layer,
 #: 112-pixel tiles; ~75M parameters, most in the 128k vocabulary): big enough that compute, not
