@@ -9,10 +9,11 @@ ban) have passed the request, and every answer of the wrapper leaves through the
 
 * :class:`Guard`: for a request whose ``model`` is one of ours, after Xinference's check of the
   key's model scope, runs :mod:`.validation`, answers user mistakes with HTTP 400 (streaming or
-  not), and hands the endpoint the body with images inlined. Requests for any other model, and
-  bodies whose model cannot be read, go to Xinference's endpoint untouched. A launch of one of
-  our families on an engine that cannot run it gets the engine's reason. A whole (not streamed)
-  answer on the Transformers engine is cancelled when its client hangs up (:func:`unless_gone`).
+  not), and hands the endpoint the checked body (images are the model process's to load).
+  Requests for any other model, and bodies whose model cannot be read, go to Xinference's
+  endpoint untouched. A launch of one of our families on an engine that cannot run it gets the
+  engine's reason. A whole (not streamed) answer on the Transformers engine is cancelled when its
+  client hangs up (:func:`unless_gone`).
 * ``GET /v1/xinf-llama-vision/status``: what the plugin registered, behind the same credential
   as Xinference's ``GET /v1/cluster/version``.
 * :class:`Refusal`: what the model process refuses (an image it cannot fetch or decode, a prompt
