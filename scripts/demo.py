@@ -1,8 +1,10 @@
 """The main job, end to end: Xinference with the plugin serves Llama 3.2 Vision and answers an image question.
 
-Real weights cannot be downloaded here, so by default this builds a tiny random checkpoint
-(real tokenizer and processor, random weights: the answer is gibberish, the plumbing is real).
-With real weights, pass --model-path DIR (a local copy of meta-llama/Llama-3.2-11B-Vision-Instruct).
+Real weights cannot be downloaded here, so by default this builds a tiny checkpoint (real
+tokenizer, processor and architecture; random weights taught in a few seconds to name three
+pictures), so that its answer shows the image got through: a red circle gets "A red circle.", a
+blue square "A blue square.". With real weights, pass --model-path DIR (a local copy of
+meta-llama/Llama-3.2-11B-Vision-Instruct).
 
     python scripts/demo.py [--model-path DIR] [--port 9997] [--keep-running]
 """
@@ -35,12 +37,13 @@ def main() -> int:
     work.mkdir(exist_ok=True)
     model_path = args.model_path
     if not model_path:
-        from xinf_llama_vision.tiny import build
+        from xinf_llama_vision.tiny import build_taught
 
-        model_path = str(work / "tiny-mllama")
+        model_path = str(work / "tiny-mllama-taught")
         if not (Path(model_path) / "config.json").exists():
-            print(f"building a tiny random Llama 3.2 Vision checkpoint in {model_path} ...", flush=True)
-            build(model_path)
+            print(f"building a tiny Llama 3.2 Vision checkpoint in {model_path}: random weights, taught to name "
+                  "a red circle, a blue square and a green triangle ...", flush=True)
+            build_taught(model_path)
 
     endpoint = f"http://127.0.0.1:{args.port}"
     env = dict(
@@ -75,29 +78,30 @@ def main() -> int:
         subprocess.run(launch, env=env, check=True)
 
         from openai import OpenAI
-        from PIL import Image, ImageDraw
 
-        image = Image.new("RGB", (224, 224), "white")
-        ImageDraw.Draw(image).ellipse((40, 40, 184, 184), fill=(220, 30, 30))
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG")
-        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        question = "What shape and colour is in this image?"
+        from xinf_llama_vision.tiny import DEMO_QUESTION, picture
+
         client = OpenAI(base_url=endpoint + "/v1", api_key="not-needed")
-        reply = client.chat.completions.create(
-            model="llama-vision",
-            messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": question},
-            ]}],
-            max_tokens=32,
-            temperature=0,
-        )
-        print(f"\nQ: {question} [+ a 224x224 PNG of a red circle]")
-        print(f"A: {reply.choices[0].message.content!r}")
-        print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
+        for name, image in (("a red circle", picture("circle", (220, 30, 30))),
+                            ("a blue square", picture("square", (30, 60, 220)))):
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG")
+            url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+            reply = client.chat.completions.create(
+                model="llama-vision",
+                messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": DEMO_QUESTION},
+                ]}],
+                max_tokens=32,
+                temperature=0,
+            )
+            print(f"\nQ: {DEMO_QUESTION} [+ a 224x224 PNG of {name}]")
+            print(f"A: {reply.choices[0].message.content!r}")
+            print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
         if not args.model_path:
-            print("(tiny random weights: the answer is noise; the pipeline that produced it is the real one)")
+            print("(a tiny checkpoint taught to name three pictures: the answers show the image reached the model; "
+                  "pass --model-path for real weights)")
         if args.keep_running:
             print(f"\nserver still running at {endpoint}; stop it with: kill -- -{server.pid}")
             return 0

@@ -113,31 +113,11 @@ class Reference:
 
 
 def teach(checkpoint: str, out_dir: str, prompt: str, answer: str, max_steps: int = 300) -> str:
-    """A copy of ``checkpoint`` fine-tuned (raw transformers, Adam) until greedy decoding of ``prompt``
-    gives exactly ``answer``: a model whose output a test knows in advance (a tool call, say)."""
-    import torch
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
+    """A copy of ``checkpoint`` taught (raw transformers, Adam) that greedy decoding of the text-only
+    ``prompt`` gives exactly ``answer``: a model whose output a test knows in advance (a tool call, say)."""
+    from xinf_llama_vision.tiny import teach as teach_examples
 
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    model = MllamaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).train()
-    prompt_ids = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt_ids + answer_ids])
-    labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(max_steps):
-        out = model(input_ids=ids, labels=labels)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        if out.logits[0, len(prompt_ids) - 1 : -1].argmax(-1).tolist() == answer_ids:
-            break
-    else:
-        raise AssertionError(f"the model did not learn to answer {answer!r} in {max_steps} steps")
-    model.eval().save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return teach_examples(checkpoint, out_dir, [(prompt, [], answer)], max_steps)
 
 
 class Raw:

@@ -12,7 +12,11 @@ Two changes make a random model useful for testing:
   images and image tests would prove nothing);
 * the output head is scaled so that logits are peaked and greedy decoding is stable.
 
-    python -m xinf_llama_vision.tiny OUT_DIR
+A random model's answers are noise, so the demo serves one *taught* (:func:`teach`, a few seconds
+of Adam on the CPU) to name three pictures (:data:`DEMO`): asked "What shape and colour is in this
+image?" about a red circle, it answers "A red circle.".
+
+    python -m xinf_llama_vision.tiny OUT_DIR [--taught]
 """
 
 from __future__ import annotations
@@ -113,12 +117,82 @@ def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION,
     return out_dir
 
 
+def teach(checkpoint: str, out_dir: str, examples, max_steps: int = 300) -> str:
+    """A copy of ``checkpoint`` fine-tuned (all weights, Adam) until, for each ``(prompt, images,
+    answer)`` of ``examples``, greedy decoding of the prompt gives exactly ``answer`` (end it with
+    ``<|eot_id|>`` to stop there); saved in ``out_dir``. Raises ``RuntimeError`` if it does not learn."""
+    import torch
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = MllamaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).train()
+    batch = []
+    for prompt, images, answer in examples:
+        inputs = processor(images=images or None, text=prompt + answer, add_special_tokens=False, return_tensors="pt")
+        start = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        labels = inputs["input_ids"].clone()
+        labels[0, :start] = -100
+        batch.append((inputs, labels, start))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(max_steps):
+        optimizer.zero_grad()
+        learnt = True
+        for inputs, labels, start in batch:
+            out = model(**inputs, labels=labels)
+            out.loss.backward()
+            learnt &= out.logits[0, start - 1 : -1].argmax(-1).tolist() == labels[0, start:].tolist()
+        if learnt:  # checked on these very weights: stop before another step changes them
+            break
+        optimizer.step()
+    else:
+        raise RuntimeError(f"the model did not learn its {len(examples)} answers in {max_steps} steps")
+    os.makedirs(out_dir, exist_ok=True)
+    model.eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+#: The demo's question, and the pictures it teaches: (shape, colour name, RGB) → "A red circle.".
+DEMO_QUESTION = "What shape and colour is in this image?"
+DEMO = (("circle", "red", (220, 30, 30)), ("square", "blue", (30, 60, 220)), ("triangle", "green", (30, 160, 60)))
+
+
+def picture(shape: str, rgb) -> "Image.Image":
+    """A 224x224 PNG-ready picture: one filled ``shape`` (circle, square, triangle) on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (224, 224), "white")
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((40, 40, 184, 184), fill=rgb)
+    elif shape == "square":
+        draw.rectangle((40, 40, 184, 184), fill=rgb)
+    else:
+        draw.polygon([(112, 30), (194, 190), (30, 190)], fill=rgb)
+    return image
+
+
+def build_taught(out_dir: str) -> str:
+    """The demo's checkpoint: :func:`build`, then :func:`teach` to name each picture of :data:`DEMO`."""
+    import tempfile
+
+    from .messages import build_chat_prompt
+
+    prompt = build_chat_prompt([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "the picture"}}, {"type": "text", "text": DEMO_QUESTION}]}]).text
+    examples = [(prompt, [picture(shape, rgb)], f"A {colour} {shape}.<|eot_id|>") for shape, colour, rgb in DEMO]
+    with tempfile.TemporaryDirectory() as random_dir:
+        return teach(build(random_dir), out_dir, examples)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--taught", action="store_true", help="the demo's taught checkpoint (build_taught)")
     args = parser.parse_args(argv)
-    print(build(args.out_dir, seed=args.seed))
+    print(build_taught(args.out_dir) if args.taught else build(args.out_dir, seed=args.seed))
 
 
 if __name__ == "__main__":
