@@ -17,14 +17,20 @@ def chat(images, question):
     return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
 
 
+#: The date every case is rendered with, by the server (``chat_template_kwargs``) and by raw
+#: transformers: a text-only prompt holds it, and the vLLM stage compares only answers whose
+#: tokens are far from ties, which depends on the prompt (some dates leave none).
+DATE = "01 Jan 2025"
+ON_DATE = {"chat_template_kwargs": {"date_string": DATE}}
+
 #: name → (messages, images, request options). "hang-up" streams are closed after their first chunk.
 CASES = {
     "image, streamed": (chat([RED], "What is in this image?"), [RED], {"max_tokens": 12, "stream": True}),
-    "text only": (chat([], "Write a haiku about the sea."), [], {"max_tokens": 20}),
+    "text only": (chat([], "Write a haiku about the sea."), [], {"max_tokens": 20, "extra_body": ON_DATE}),
     "two images, streamed": (chat([BLUE, RED], "Compare them."), [BLUE, RED], {"max_tokens": 16, "stream": True}),
     "wide image, stop string": (chat([GREEN_WIDE], "Describe it."), [GREEN_WIDE], {"max_tokens": 24, "stop": "?"}),
     "top_k=1 at temperature 2": (chat([], "Name a colour."), [], {"max_tokens": 10, "temperature": 2.0,
-                                                                  "extra_body": {"top_k": 1}}),
+                                                                  "extra_body": {"top_k": 1, **ON_DATE}}),
     "hang-up": (chat([RED], "Tell me a long story."), [RED], {"max_tokens": 2000, "stream": True}),
 }
 
@@ -47,7 +53,7 @@ def expected_answers(reference, max_tokens=None) -> Dict[str, Expected]:
         if name == "hang-up":
             continue
         options = dict(options, max_tokens=(max_tokens or {}).get(name, options["max_tokens"]))
-        text, prompt_tokens, n = reference.generate(reference.render(messages), images, options["max_tokens"])
+        text, prompt_tokens, n = reference.generate(reference.render(messages, DATE), images, options["max_tokens"])
         finish = "length" if n == options["max_tokens"] else "stop"
         if options.get("stop"):
             # The stop string must cut this answer inside (else the case would test nothing): "?" if
@@ -69,7 +75,7 @@ def tokens_far_from_ties(reference, name: str, margin: float) -> int:
     import torch
 
     messages, images, options = CASES[name]
-    inputs = reference.inputs(reference.render(messages), images)
+    inputs = reference.inputs(reference.render(messages, DATE), images)
     with torch.no_grad():
         out = reference.model.generate(**inputs, max_new_tokens=options["max_tokens"], do_sample=False,
                                         output_scores=True, return_dict_in_generate=True)

@@ -122,12 +122,17 @@ def teach(checkpoint: str, out_dir: str, prompt: str, answer: str, max_steps: in
 
 class Raw:
     """Raw transformers on the checkpoint: ``generate`` for one request with its options (a seed,
-    logits processors), as the engine is asked to serve it."""
+    logits processors), as the engine is asked to serve it. Chats are rendered with ``date_string``
+    (default: today, as the server renders them)."""
 
-    def __init__(self, reference):
+    def __init__(self, reference, date_string: Optional[str] = None):
         self.ref = reference
+        self.date_string = date_string
         tok = reference.tokenizer
         self.stop_ids = [tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")]
+
+    def render(self, messages) -> str:
+        return self.ref.render(messages, self.date_string)
 
     def run(self, prompt, images, max_new_tokens, seed=None, processors=(), **options):
         """``(new token ids, raw logits per step)`` of ``model.generate`` for this prompt."""
@@ -147,7 +152,7 @@ class Raw:
         return self.ref.decode([i for i in ids if i not in self.stop_ids])
 
     def chat(self, messages, images, max_new_tokens, **kw):
-        return self.run(self.ref.render(messages), images, max_new_tokens, **kw)
+        return self.run(self.render(messages), images, max_new_tokens, **kw)
 
     def grammar(self, response_format):
         """xgrammar's own transformers processor, compiled here from the request's format."""

@@ -49,7 +49,7 @@ def stream(server, uid, path, body):
 
 
 def prompt_tokens(raw, messages, images):
-    return int(raw.ref.inputs(raw.ref.render(messages), images)["input_ids"].shape[1])
+    return int(raw.ref.inputs(raw.render(messages), images)["input_ids"].shape[1])
 
 
 # -- response_format --------------------------------------------------------------------------
@@ -185,6 +185,12 @@ def test_seed_gives_the_same_answer_as_raw_with_that_seed(server, chat_uid, raw)
 # -- penalties --------------------------------------------------------------------------------
 
 
+#: The date the flat checkpoint's chats are rendered with, on both sides (a text-only prompt holds
+#: the date, and whether a penalty changes a 24-token answer depends on the prompt).
+FLAT_DATE = "01 Jan 2025"
+ON_FLAT_DATE = {"chat_template_kwargs": {"date_string": FLAT_DATE}}
+
+
 @pytest.fixture(scope="module")
 def flat(server, tmp_path_factory):
     """``(uid, Raw)`` of a checkpoint with flatter logits (top tokens 1-3 apart, not ~20): there,
@@ -194,13 +200,14 @@ def flat(server, tmp_path_factory):
 
     path = build(str(tmp_path_factory.mktemp("flat-mllama")), head_scale=6.0)
     uid = server.launch("llama-3.2-vision-instruct", "flat-logits", path, "--disable-virtual-env")
-    return uid, Raw(Reference(path))
+    return uid, Raw(Reference(path), FLAT_DATE)
 
 
 @pytest.mark.parametrize("presence, frequency", [(-2.0, 0.0), (0.0, -1.0), (-2.0, 0.5)])
 def test_openai_penalties_equal_raw_with_openai_formula(server, flat, presence, frequency):
     uid, raw = flat
-    body = chat(server, uid, max_tokens=24, temperature=0, presence_penalty=presence, frequency_penalty=frequency)
+    body = chat(server, uid, max_tokens=24, temperature=0, presence_penalty=presence, frequency_penalty=frequency,
+                **ON_FLAT_DATE)
     length = prompt_tokens(raw, TEXT_CHAT, [])
     ids, _ = raw.chat(TEXT_CHAT, [], 24, do_sample=False, processors=[OpenAIFormula(length, presence, frequency)])
     plain, _ = raw.chat(TEXT_CHAT, [], 24, do_sample=False)
@@ -210,7 +217,7 @@ def test_openai_penalties_equal_raw_with_openai_formula(server, flat, presence, 
 
 def test_repetition_penalty_as_transformers_applies_it(server, flat):
     uid, raw = flat
-    body = chat(server, uid, max_tokens=24, temperature=0, repetition_penalty=0.5)
+    body = chat(server, uid, max_tokens=24, temperature=0, repetition_penalty=0.5, **ON_FLAT_DATE)
     ids, _ = raw.chat(TEXT_CHAT, [], 24, do_sample=False, repetition_penalty=0.5)
     plain, _ = raw.chat(TEXT_CHAT, [], 24, do_sample=False)
     assert body["choices"][0]["message"]["content"] == raw.text(ids) and ids != plain
