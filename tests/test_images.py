@@ -575,6 +575,18 @@ def tls(tmp_path_factory):
     stop_server(server, thread)
 
 
+def test_slow_drip_over_tls_is_stopped_by_the_total_deadline(tls, net, monkeypatch):
+    """The deadline wakes a read blocked inside TLS too (the socket it shuts is the TLS one)."""
+    monkeypatch.setattr(image_fetch, "_ssl_context", lambda: tls.client_ctx)
+    net.names["img.test"] = ["127.0.0.1"]
+    port = tls.server_address[1]
+    for path in ("/drip", "/drip-headers"):
+        started = time.monotonic()
+        refused(f"https://img.test:{port}{path}", ImageLimits(allow_hosts=("127.0.0.1",), timeout=2, deadline=0.5),
+                "longer than the 0.5-second total limit")
+        assert time.monotonic() - started < 2, path  # well before the per-read timeout could help
+
+
 def test_https_uses_the_url_host_for_sni_and_certificate(tls, net, monkeypatch):
     monkeypatch.setattr(image_fetch, "_ssl_context", lambda: tls.client_ctx)
     tls.hits.clear()

@@ -88,7 +88,9 @@ class _Deadline:
     @staticmethod
     def _shutdown(sock: socket.socket) -> None:
         try:
-            sock.shutdown(socket.SHUT_RDWR)  # not close(): that would not wake a blocked recv()
+            # The plain socket's shutdown (an SSLSocket's would drop its TLS state first); not
+            # close(): that would not wake a blocked recv().
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -133,7 +135,11 @@ class _PinnedHTTP(_Pinned, HTTPConnection):
 
 
 class _PinnedHTTPS(_Pinned, HTTPSConnection):
-    pass
+    def connect(self) -> None:
+        super().connect()
+        # TLS took the plain socket's file descriptor over (that socket object is detached now):
+        # the deadline must shut the TLS socket down to wake a read blocked inside it.
+        self._guard.watch(self.sock)
 
 
 class _HTTPPool(urllib3.HTTPConnectionPool):
