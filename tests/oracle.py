@@ -63,7 +63,7 @@ def to_hf(messages: List[dict]) -> List[dict]:
 class Reference:
     """Raw transformers on a checkpoint: the official template, the processor, greedy ``generate``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, quantization_config=None):
         import torch
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
@@ -72,7 +72,8 @@ class Reference:
         import transformers
 
         dtype = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # 4.x in .venv-vllm
-        self.model = MllamaForConditionalGeneration.from_pretrained(path, **{dtype: torch.float32}).eval()
+        options = {} if quantization_config is None else {"quantization_config": quantization_config}
+        self.model = MllamaForConditionalGeneration.from_pretrained(path, **{dtype: torch.float32}, **options).eval()
         self.template = TEMPLATE.read_text()
 
     def render(self, messages: List[dict], date_string: Optional[str] = None, **kwargs) -> str:

@@ -20,12 +20,13 @@ def test_shipped_specs_declare_both_families():
         assert family.architectures == ["MllamaForConditionalGeneration"]
         assert family.stop == ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
         assert family.stop_token_ids == [128001, 128008, 128009]
-        assert [s.model_size_in_billions for s in family.specs] == [11, 90]
-        assert all(s.model_format == "pytorch" for s in family.specs)
+        pytorch = [s for s in family.specs if s.model_format == "pytorch"]
+        assert [s.model_size_in_billions for s in pytorch] == [11, 90]
+        assert all(s.quantizations == ["none", "8-bit", "4-bit"] for s in pytorch)
 
 
 def test_repository_ids_follow_meta_naming():
-    ids = {f.model_name: [s.hubs["huggingface"] for s in f.specs] for f in load_families()}
+    ids = {f.model_name: [s.hubs["huggingface"] for s in f.specs if s.model_format == "pytorch"] for f in load_families()}
     assert ids["llama-3.2-vision"] == ["meta-llama/Llama-3.2-11B-Vision", "meta-llama/Llama-3.2-90B-Vision"]
     assert ids["llama-3.2-vision-instruct"] == [
         "meta-llama/Llama-3.2-11B-Vision-Instruct",
@@ -59,7 +60,7 @@ def _valid() -> dict:
         (lambda d: d.update(colour="blue"), "colour: Extra inputs are not permitted"),
         (lambda d: d.pop("tool_parser"), "the 'tools' ability and tool_parser go together"),
         (lambda d: d.update(tool_parser="qwen"), "tool_parser: Input should be 'llama3'"),
-        (lambda d: d["specs"].append(dict(d["specs"][0])), "duplicate model_size_in_billions"),
+        (lambda d: d["specs"].append(dict(d["specs"][0])), "duplicate model_format and model_size_in_billions"),
     ],
 )
 def test_broken_spec_names_file_and_field(mutate, message):
@@ -85,15 +86,17 @@ def test_specs_become_xinference_families():
         xf = to_xinference(family)
         assert xf.model_name == family.model_name
         assert xf.stop_token_ids == family.stop_token_ids
-        hubs = {(s.model_size_in_billions, s.model_hub): s.model_id for s in xf.model_specs}
+        hubs = {(s.model_format, s.model_size_in_billions, s.quantization, s.model_hub): s.model_id
+                for s in xf.model_specs}
         for spec in family.specs:
             for hub, repo in spec.hubs.items():
-                assert hubs[(spec.model_size_in_billions, hub)] == repo
+                for quantization in spec.quantizations:
+                    assert hubs[(spec.model_format, spec.model_size_in_billions, quantization, hub)] == repo
 
 
 def test_vllm_defaults_per_size():
     for family in load_families():
-        by_size = {s.model_size_in_billions: s.vllm for s in family.specs}
+        by_size = {s.model_size_in_billions: s.vllm for s in family.specs if s.model_format == "pytorch"}
         assert by_size[11].max_num_seqs == 16 and by_size[11].tensor_parallel_size is None
         assert by_size[90].max_num_seqs == 32 and by_size[90].tensor_parallel_size == 8
         for defaults in by_size.values():
@@ -119,3 +122,25 @@ def test_broken_vllm_fields_name_the_field(mutate, message):
     with pytest.raises(SpecError) as error:
         parse_family(yaml.safe_dump(data), "model_specs/broken.yaml")
     assert message in str(error.value)
+
+
+def test_prequantized_repositories():
+    """Ids checked against their model pages (unsloth's nf4 list; Neural Magic's FP8-dynamic cards)."""
+    ids = {f.model_name: {(s.model_format, s.model_size_in_billions): (s.quantizations, s.hubs["huggingface"])
+                          for s in f.specs if s.model_format != "pytorch"} for f in load_families()}
+    assert ids["llama-3.2-vision"] == {
+        ("bnb", 11): (["4-bit"], "unsloth/Llama-3.2-11B-Vision-bnb-4bit"),
+        ("bnb", 90): (["4-bit"], "unsloth/Llama-3.2-90B-Vision-bnb-4bit"),
+    }
+    assert ids["llama-3.2-vision-instruct"] == {
+        ("bnb", 11): (["4-bit"], "unsloth/Llama-3.2-11B-Vision-Instruct-bnb-4bit"),
+        ("bnb", 90): (["4-bit"], "unsloth/Llama-3.2-90B-Vision-Instruct-bnb-4bit"),
+        ("fp8", 11): (["FP8"], "neuralmagic/Llama-3.2-11B-Vision-Instruct-FP8-dynamic"),
+        ("fp8", 90): (["FP8"], "neuralmagic/Llama-3.2-90B-Vision-Instruct-FP8-dynamic"),
+    }
+
+
+def test_a_format_offers_only_its_quantizations():
+    text = (spec_dir() / "llama-3.2-vision.yaml").read_text().replace("quantizations: [4-bit]", "quantizations: [8-bit]", 1)
+    with pytest.raises(SpecError, match=r"bnb weights come in quantizations \['4-bit'\], not \['8-bit'\]"):
+        parse_family(text, "x.yaml")

@@ -1,4 +1,5 @@
 """``xinf-llama-vision doctor``: is the plugin installed, valid, and enabled where it must be?
+``xinf-llama-vision estimate``: how much GPU memory a launch needs (:mod:`.memory`).
 
     xinf-llama-vision doctor                       # this environment
     xinf-llama-vision doctor --endpoint URL        # also a running Xinference server
@@ -22,6 +23,8 @@ from typing import List, Optional, Tuple
 from . import __version__
 from .api import STATUS_PATH
 from .extension import ENTRY
+from .memory import ARCHITECTURES, estimate, report
+from .quantization import METHODS
 
 
 def _version(dist: str) -> str:
@@ -100,7 +103,17 @@ def main(argv=None) -> int:
     doctor.add_argument("--api-key", "-ak", default=None,
                         help="an admin's access token or API key, for a server with authentication on "
                              "(default: the token xinference login stored for the endpoint)")
+    est = sub.add_parser("estimate", help="the GPU memory a launch needs, and the GPUs that hold it")
+    est.add_argument("--size", type=int, choices=sorted(ARCHITECTURES), required=True, help="billions of parameters")
+    est.add_argument("--quantization", "-q", default="none", choices=list(METHODS))
+    est.add_argument("--context-length", type=int, default=8192, help="tokens per sequence (vLLM's max_model_len)")
+    est.add_argument("--max-num-seqs", type=int, default=1, help="sequences decoded at once")
+    est.add_argument("--images", type=int, default=1, help="images per sequence (each up to 4 tiles)")
     args = parser.parse_args(argv)
+    if args.command == "estimate":
+        e = estimate(ARCHITECTURES[args.size], args.quantization, args.context_length, args.max_num_seqs, args.images)
+        print(report(args.size, e))
+        return 0
     results = checks(args.endpoint, args.api_key)
     for ok, line in results:
         print(("ok   " if ok else "FAIL ") + line)

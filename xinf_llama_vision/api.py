@@ -188,13 +188,34 @@ class Guard:
         except Exception:  # Xinference's handler answers for itself
             return None
         for key, value in (engines or {}).items():
-            if key.lower() == engine.lower() and isinstance(value, str):
+            if key.lower() != engine.lower():
+                continue
+            if isinstance(value, str):
                 raise RequestError(f"Model {name} cannot be run on engine {key}: {value}")
+            why = self._variant_refusal(key, data, value)
+            if why:
+                raise RequestError(f"Model {name} cannot be run on engine {key}: {why}")
         needed = ENGINE_ENVS.get(engine.lower())
         if not needed:
             return None
         given = data.get("envs") if isinstance(data.get("envs"), dict) else {}
         return {**data, "envs": {**given, **needed}}
+
+    @staticmethod
+    def _variant_refusal(engine: str, data: Dict[str, Any], listed: Any) -> Optional[str]:
+        """Why ``engine`` does not serve the launch's format and quantization (:mod:`.quantization`),
+        or what the variant needs that no worker has (it is missing from the engine's listing)."""
+        from .quantization import NEEDS, refusal
+
+        fmt, quantization = data.get("model_format"), data.get("quantization")
+        if not isinstance(fmt, str) or not isinstance(quantization, str):
+            return None
+        why = refusal(engine.lower(), fmt, quantization)
+        if why or not isinstance(listed, list):
+            return why
+        offered = any(isinstance(p, dict) and p.get("model_format") == fmt and quantization in (p.get("quantizations") or [])
+                      for p in listed)
+        return None if offered else NEEDS.get(fmt)
 
     async def policy(self, model_uid: str) -> Optional[Policy]:
         """The policy of a running model of ours, ``None`` for any other (or unknown) model; what the

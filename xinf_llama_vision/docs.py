@@ -14,9 +14,10 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from .messages import build_chat_prompt, build_completion_prompt
+from .quantization import FORMATS, refusal
 from .schema import load_families
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -38,18 +39,20 @@ def families_block() -> str:
             f"- Architecture: {', '.join(family.architectures)}",
             f"- Stop tokens: {', '.join(f'`{t.token}` ({t.id})' for t in family.stop_tokens)}",
             "",
-            "| Size | Hugging Face | ModelScope |",
-            "|---|---|---|",
+            "| Size | Format | Quantizations | Hugging Face | ModelScope |",
+            "|---|---|---|---|---|",
         ]
         for spec in family.specs:
             hubs = spec.hubs
             out.append(
-                f"| {spec.model_size_in_billions}B | [`{hubs['huggingface']}`](https://huggingface.co/{hubs['huggingface']}) "
+                f"| {spec.model_size_in_billions}B | {spec.model_format} | {', '.join(spec.quantizations)} "
+                f"| [`{hubs['huggingface']}`](https://huggingface.co/{hubs['huggingface']}) "
                 f"| `{hubs.get('modelscope', '-')}` |"
             )
         out += ["", "```bash"]
         for spec in family.specs:
-            out.append(f"xinference launch --model-engine transformers {_common(family, spec)}")
+            if refusal("transformers", spec.model_format, spec.quantizations[0]) is None:
+                out.append(f"xinference launch --model-engine transformers {_common(family, spec)}")
             if spec.vllm is not None:
                 out.append(vllm_command(family, spec))
         out += ["```", ""]
@@ -59,8 +62,48 @@ def families_block() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def _common(family, spec) -> str:
-    return f"--model-name {family.model_name} --size-in-billions {spec.model_size_in_billions} --model-format {spec.model_format}"
+def _common(family, spec, quantization: Optional[str] = None) -> str:
+    """The options that pick one variant (``--quantization`` left off for ``none``, Xinference's default)."""
+    quantization = spec.quantizations[0] if quantization is None else quantization
+    return (f"--model-name {family.model_name} --size-in-billions {spec.model_size_in_billions} "
+            f"--model-format {spec.model_format}" + (f" --quantization {quantization}" if quantization != "none" else ""))
+
+
+#: The 90B model card's "Quantizations & VRAM" (GB): FP16, Q8_0 (8 bits), Q4_K_M (4.5 bits).
+CARD_90B = {"none": "180.7 (FP16)", "8-bit": "89.8 (Q8_0)", "FP8": "89.8 (Q8_0)", "4-bit": "50.8 (Q4_K_M)"}
+
+
+def quantization_block() -> str:
+    """Every size, format, quantization and engine a launch can pick: the estimate beside the card's
+    figures, the GPUs that hold it, the launch command (from the specs and :mod:`.memory`)."""
+    from .memory import ARCHITECTURES, GB, estimate
+
+    families = load_families()
+    rows: Dict[tuple, List[str]] = {}
+    for family in families:
+        for spec in family.specs:
+            for quantization in spec.quantizations:
+                rows.setdefault((spec.model_size_in_billions, spec.model_format, quantization), []).append(family.kind)
+    instruct = next(f for f in families if f.kind == "instruct")
+    out = ["| Size | Weights | Quantization | Engine | Families | Weights GB | Total GB | Card GB | GPUs that hold it | Launch |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(FORMATS)
+    for (size, fmt, quantization), kinds in sorted(rows.items(), key=lambda r: (r[0][0], order.index(r[0][1]),
+                                                                                FORMATS[r[0][1]].index(r[0][2]))):
+        spec = next(s for s in instruct.specs if (s.model_size_in_billions, s.model_format) == (size, fmt))
+        method = {"bnb": "4-bit", "fp8": "FP8"}.get(fmt, quantization)
+        e = estimate(ARCHITECTURES[size], method, context_length=8192, max_num_seqs=1)
+        gpus = ", ".join(f"{gb} GB x{n}" for gb, n in e.gpus().items() if n)
+        for engine in ("transformers", "vllm"):
+            if refusal(engine, fmt, quantization) is not None or (engine == "vllm" and spec.vllm is None):
+                continue
+            command = f"xinference launch --model-engine {engine} {_common(instruct, spec, quantization)}"
+            tp = spec.vllm.tensor_parallel_size if engine == "vllm" and spec.vllm else None
+            command += f" --n-gpu {tp}" if tp else ""
+            out.append(f"| {size}B | {fmt} | {quantization} | {engine} | {', '.join(sorted(kinds))} "
+                       f"| {e.weights / GB:.1f} | {e.total / GB:.1f} | {CARD_90B.get(method, '-') if size == 90 else '-'} "
+                       f"| {gpus} | `{command}` |")
+    return "\n".join(out) + "\n"
 
 
 def vllm_command(family, spec) -> str:
@@ -159,6 +202,7 @@ BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "vllm.md": {"vllm-launch": vllm_block},
     "api.md": {"options": options_block},
     "security.md": {"knobs": knobs_block},
+    "quantization.md": {"variants": quantization_block},
 }
 
 

@@ -31,3 +31,23 @@ def whole_number(value: Any, where: str, minimum: int = 1, what: Optional[str] =
     if number < minimum:
         raise error
     return number
+
+
+def switch(value: Any, where: str) -> bool:
+    """``value`` as true or false (``true``/``false``, ``1``/``0``, ``yes``/``no``, ``on``/``off``).
+
+    >>> switch("True", "launch option enforce_eager"), switch(0, "x")
+    (True, False)
+    >>> switch("maybe", "launch option skip_memory_check")
+    Traceback (most recent call last):
+    ...
+    ValueError: launch option skip_memory_check must be true or false, got 'maybe'
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{where} must be true or false, got {value!r}")

@@ -18,6 +18,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .quantization import FORMATS
+
 Ability = Literal["generate", "chat", "vision", "tools"]
 Hub = Literal["huggingface", "modelscope"]
 
@@ -76,12 +78,22 @@ class VLLMDefaults(_Strict):
     tensor_parallel_size: Optional[Literal[1, 2, 4, 8]] = None
 
 
-class PytorchSpec(_Strict):
-    model_format: Literal["pytorch"]
+class Spec(_Strict):
+    """One repository of weights: its format, size, and the quantizations it is offered in
+    (:data:`.quantization.FORMATS` says which each format allows)."""
+
+    model_format: Literal["pytorch", "bnb", "fp8"]
     model_size_in_billions: int = Field(gt=0)
     quantizations: List[str] = ["none"]
     hubs: Dict[Hub, str]
     vllm: Optional[VLLMDefaults] = None
+
+    @model_validator(mode="after")
+    def _quantizations_of_the_format(self):
+        allowed = FORMATS[self.model_format]
+        if not self.quantizations or any(q not in allowed for q in self.quantizations):
+            raise ValueError(f"{self.model_format} weights come in quantizations {list(allowed)}, not {self.quantizations}")
+        return self
 
     @field_validator("hubs")
     @classmethod
@@ -102,7 +114,7 @@ class _Family(_Strict):
     context_length: int = Field(gt=0)
     architectures: List[str] = Field(min_length=1)
     stop_tokens: List[StopToken] = Field(min_length=1)
-    specs: List[PytorchSpec] = Field(min_length=1)
+    specs: List[Spec] = Field(min_length=1)
     virtualenv_packages: List[str] = []
     #: Xinference's parser for the model's tool calls; required with the 'tools' ability.
     tool_parser: Optional[Literal["llama3"]] = None
@@ -115,9 +127,9 @@ class _Family(_Strict):
 
     @model_validator(mode="after")
     def _unique_sizes(self):
-        sizes = [s.model_size_in_billions for s in self.specs]
-        if len(sizes) != len(set(sizes)):
-            raise ValueError(f"duplicate model_size_in_billions in specs: {sizes}")
+        keys = [(s.model_format, s.model_size_in_billions) for s in self.specs]
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"duplicate model_format and model_size_in_billions in specs: {keys}")
         return self
 
     @model_validator(mode="after")

@@ -43,3 +43,16 @@ def test_vllm_runs_its_v0_engine_with_our_defaults(server, chat_uid):
     engine_line = next(line for line in log[start:].splitlines() if "LLM engine (v" in line)
     assert "Initializing a V0 LLM engine" in engine_line, engine_line
     assert "max_seq_len=4096," in engine_line and "enforce_eager=True," in engine_line, engine_line
+
+
+@pytest.mark.parametrize("fmt, quantization, words", [
+    ("fp8", "FP8", "FP8 checkpoints need an NVIDIA GPU"),  # this machine has none
+    ("pytorch", "4-bit", "bitsandbytes variants (8-bit, 4-bit) are served by the Transformers engine"),
+    ("bnb", "4-bit", "bitsandbytes variants (8-bit, 4-bit) are served by the Transformers engine"),
+])
+def test_variants_vllm_does_not_serve_here_are_refused_at_launch_with_the_reason(server, tiny_checkpoint, fmt,
+                                                                                   quantization, words):
+    result = server.cli("launch", "--model-name", "llama-3.2-vision-instruct", "--model-engine", "vllm",
+                        "--model-format", fmt, "--quantization", quantization, "--model_path", tiny_checkpoint,
+                        "--model-uid", f"vllm-refused-{fmt}", "--disable-virtual-env", check=False)
+    assert result.returncode != 0 and words in result.stdout + result.stderr

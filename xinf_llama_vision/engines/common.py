@@ -16,6 +16,8 @@ except ImportError:  # pragma: no cover - Xinference 4.0
     ContextLengthExceeded = ValueError
 
 from ..errors import REFUSAL_KEY, RequestError
+from ..memory import Architecture, check_fit, estimate
+from ..parsing import switch
 from ..validation import POLICY_KEY, Policy, launch_int
 
 
@@ -96,3 +98,42 @@ def output_room(prompt_tokens: int, max_tokens: Optional[int], context: int) -> 
             f"model's context length of {context} tokens; lower max_tokens to at most {room} or shorten the prompt"
         )
     return max_tokens or room
+
+
+#: The launch option that skips :func:`check_memory` (for experts who know better than the estimate).
+SKIP_MEMORY_CHECK = "skip_memory_check"
+
+
+def variant_quantization(model_format: str, quantization: Optional[str]) -> str:
+    """The :mod:`..quantization` method of a launched variant.
+
+    >>> variant_quantization("bnb", "4-bit"), variant_quantization("fp8", "FP8"), variant_quantization("pytorch", None)
+    ('4-bit', 'FP8', 'none')
+    """
+    return {"bnb": "4-bit", "fp8": "FP8"}.get(model_format, quantization or "none")
+
+
+def memory_check_wanted(config: Dict[str, Any]) -> bool:
+    """False when the launch says ``--skip_memory_check true``; the option is taken out of ``config``.
+
+    >>> config = {"skip_memory_check": "true", "max_num_seqs": 4}
+    >>> memory_check_wanted(config), config
+    (False, {'max_num_seqs': 4})
+    """
+    return not switch(config.pop(SKIP_MEMORY_CHECK, False), f"launch option {SKIP_MEMORY_CHECK}")
+
+
+def check_memory(model_path: str, quantization: str, quantizations, context_length: int,
+                 gpus: Optional[int] = None, dtype_bytes: int = 2) -> None:
+    """On CUDA, fail the launch at once (:class:`..memory.DoesNotFit`, with launches that would fit)
+    when the weights and one ``context_length`` sequence do not fit the free memory of the launch's
+    GPUs (Xinference makes them the model process's visible devices; ``gpus``: the first N of them)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count() if gpus is None else min(gpus, torch.cuda.device_count())
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(count)]
+    arch = Architecture.from_checkpoint(model_path)
+    need = estimate(arch, quantization, context_length, max_num_seqs=1, dtype_bytes=dtype_bytes)
+    check_fit(arch, need, free, quantizations, option=f"--{SKIP_MEMORY_CHECK} true")

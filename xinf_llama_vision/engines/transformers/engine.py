@@ -13,6 +13,7 @@ without its per-model lock and no request ever parks one of its threads. The dty
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from xinference.model.llm.transformers.core import PytorchChatModel, PytorchModel
@@ -22,9 +23,11 @@ from ...grammar import Grammars
 from ...image_policy import ImageLimits
 from ...images import load_images
 from ...messages import Prompt
+from ...quantization import FORMATS, ON_LOAD, bnb_options, refusal
 from ...registration import serves
 from ...validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling
-from ..common import answer_or_refusal, context_length, launched, output_room
+from ..common import (answer_or_refusal, check_memory, context_length, launched, memory_check_wanted, output_room,
+                      variant_quantization)
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
 from .scheduler import Logprob, Scheduler, Sequence
@@ -42,6 +45,10 @@ def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
     return "bfloat16" if device == "cuda" else None
 
 
+#: The sequence length the launch-time memory check plans for (the cache grows with use after that).
+MEMORY_CHECK_CONTEXT = 8192
+
+
 class _Mllama:
     """What both families share: loading, inputs, and handing requests to the scheduler."""
 
@@ -56,6 +63,7 @@ class _Mllama:
         context = context_length("context_length", config.get("context_length"), self.model_path, self.model_family)
         self._policy = launch_policy(self.kind, config, context)
         self._max_num_seqs = launch_int("max_num_seqs", config.get("max_num_seqs"))
+        self._check_memory = memory_check_wanted(config)
         self._limits = ImageLimits.from_config(config)  # the operator's image settings: here only, never published
         self.model_family = launched(self.model_family, self._policy)
         self._scheduler: Optional[Scheduler] = None
@@ -75,9 +83,8 @@ class _Mllama:
         ok, reason = serves(llm_family, cls.kind)
         if not ok:
             return False, reason
-        if llm_spec.model_format != "pytorch":
-            return False, f"Llama 3.2 Vision on Transformers takes pytorch weights, not {llm_spec.model_format}"
-        return True
+        reason = refusal("transformers", llm_spec.model_format, quantization or "none")
+        return (False, reason) if reason else True
 
     def _should_use_batching(self) -> bool:
         return False  # Xinference's BatchScheduler: see .batch for why Mllama has its own
@@ -92,9 +99,17 @@ class _Mllama:
         from xinference.model.utils import select_device
 
         config = self._pytorch_model_config
-        dtype = default_dtype(config.get("torch_dtype"), select_device(config.get("device", "auto")))
+        device = select_device(config.get("device", "auto"))
+        dtype = default_dtype(config.get("torch_dtype"), device)
         if dtype is not None:
             config["torch_dtype"] = dtype
+        if self._check_memory and device == "cuda":
+            # The cache grows with the requests here: the check covers the weights and one sequence.
+            fmt = self.model_spec.model_format
+            check_memory(self.model_path, variant_quantization(fmt, self.quantization),
+                         [variant_quantization(fmt, q) for q in FORMATS[fmt]],
+                         min(self._policy.context_length, MEMORY_CHECK_CONTEXT),
+                         dtype_bytes=4 if str(dtype).endswith("float32") else 2)
         super().load()
         # Set, ``_batch_scheduler`` tells Xinference that this model batches: it then hands each
         # request's id to chat/generate (``generate_config["request_id"]``) and calls
@@ -109,6 +124,24 @@ class _Mllama:
         for seq in seqs:
             seq.cancel("the request was aborted")
         return (AbortRequestMessage.DONE if seqs else AbortRequestMessage.NOT_FOUND).name
+
+    def apply_quantization_config(self, kwargs=None):
+        """``--quantization 8-bit`` / ``4-bit`` of pytorch weights: bitsandbytes on load, with the
+        plugin's recipe (:mod:`...quantization`); ``--quantization_config`` changes single settings.
+        Pre-quantized (bnb) checkpoints bring their own configuration."""
+        kwargs = kwargs if kwargs is not None else {}
+        if self.model_spec.model_format == "bnb" or self.quantization in ON_LOAD:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError(f"quantization {self.quantization} needs bitsandbytes in the worker's environment: "
+                                 "pip install 'bitsandbytes>=0.46' (or 'xinf-llama-vision[quantization]')")
+        if self.model_spec.model_format != "pytorch" or self.quantization not in ON_LOAD:
+            return super().apply_quantization_config(kwargs)
+        from transformers import BitsAndBytesConfig
+
+        overrides = self._pytorch_model_config.get("quantization_config") or {}
+        options = bnb_options(self.quantization, kwargs.get("torch_dtype"), overrides)
+        kwargs["quantization_config"] = BitsAndBytesConfig(**options)
+        return kwargs
 
     def _load_model(self, **kwargs):
         import transformers
