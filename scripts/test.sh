@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Debian's Chromium for the web UI test (Playwright drives it: its own browser download cannot work here).
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
+fi
 # The vLLM stage's virtualenv is mostly downloads: build it while the main tests use the CPU.
 vllm_log=$(mktemp)
 bash scripts/setup-vllm.sh >"$vllm_log" 2>&1 &

@@ -61,12 +61,11 @@ def test_quantized_base_completion_with_an_image(server, quantized):
     assert reply.choices[0].text == raw.generate("<|image|><|begin_of_text|>Caption:", [BLUE], MAX)[0]
 
 
-def test_4_bit_is_really_quantized(server, quantized, reference):
-    """nf4 changes this checkpoint's answer (the unquantized model answers otherwise), so equal answers
-    above are the quantized model's, not the plain one's."""
-    q, chat, _, raw = quantized
-    if q != "4-bit":
-        pytest.skip("int8 keeps this checkpoint's greedy answer: only nf4 shows the difference")
+def test_4_bit_is_really_quantized(server, launched, tiny_checkpoint, reference):
+    """nf4 changes this checkpoint's answer (the unquantized model answers otherwise), so the equal
+    answers above are the quantized model's, not the plain one's (int8 keeps this answer: no such check)."""
+    chat = launched("llama-3.2-vision-instruct", "--disable-virtual-env", "--quantization", "4-bit")
+    raw = Reference(tiny_checkpoint, quantization_config=bnb("4-bit"))
     messages = image_message(RED)
     plain = reference.generate(reference.render(messages), [RED], MAX)[0]
     assert ask(server, chat, messages).choices[0].message.content == raw.generate(raw.render(messages), [RED], MAX)[0] != plain

@@ -73,36 +73,93 @@ def _common(family, spec, quantization: Optional[str] = None) -> str:
 CARD_90B = {"none": "180.7 (FP16)", "8-bit": "89.8 (Q8_0)", "FP8": "89.8 (Q8_0)", "4-bit": "50.8 (Q4_K_M)"}
 
 
-def quantization_block() -> str:
-    """Every size, format, quantization and engine a launch can pick: the estimate beside the card's
-    figures, the GPUs that hold it, the launch command (from the specs and :mod:`.memory`)."""
-    from .memory import ARCHITECTURES, GB, estimate
+def variants():
+    """``(size, format, quantization, engine, families, estimate, command)`` for every variant a launch can
+    pick, from the specs (the instruct family's command; the base family differs only in its name)."""
+    from .memory import ARCHITECTURES, estimate
 
     families = load_families()
-    rows: Dict[tuple, List[str]] = {}
+    kinds: Dict[tuple, List[str]] = {}
     for family in families:
         for spec in family.specs:
             for quantization in spec.quantizations:
-                rows.setdefault((spec.model_size_in_billions, spec.model_format, quantization), []).append(family.kind)
+                kinds.setdefault((spec.model_size_in_billions, spec.model_format, quantization), []).append(family.kind)
     instruct = next(f for f in families if f.kind == "instruct")
-    out = ["| Size | Weights | Quantization | Engine | Families | Weights GB | Total GB | Card GB | GPUs that hold it | Launch |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
     order = list(FORMATS)
-    for (size, fmt, quantization), kinds in sorted(rows.items(), key=lambda r: (r[0][0], order.index(r[0][1]),
+    for (size, fmt, quantization), which in sorted(kinds.items(), key=lambda r: (r[0][0], order.index(r[0][1]),
                                                                                 FORMATS[r[0][1]].index(r[0][2]))):
         spec = next(s for s in instruct.specs if (s.model_size_in_billions, s.model_format) == (size, fmt))
         method = {"bnb": "4-bit", "fp8": "FP8"}.get(fmt, quantization)
         e = estimate(ARCHITECTURES[size], method, context_length=8192, max_num_seqs=1)
-        gpus = ", ".join(f"{gb} GB x{n}" for gb, n in e.gpus().items() if n)
         for engine in ("transformers", "vllm"):
             if refusal(engine, fmt, quantization) is not None or (engine == "vllm" and spec.vllm is None):
                 continue
             command = f"xinference launch --model-engine {engine} {_common(instruct, spec, quantization)}"
             tp = spec.vllm.tensor_parallel_size if engine == "vllm" and spec.vllm else None
             command += f" --n-gpu {tp}" if tp else ""
-            out.append(f"| {size}B | {fmt} | {quantization} | {engine} | {', '.join(sorted(kinds))} "
-                       f"| {e.weights / GB:.1f} | {e.total / GB:.1f} | {CARD_90B.get(method, '-') if size == 90 else '-'} "
-                       f"| {gpus} | `{command}` |")
+            yield size, fmt, quantization, engine, sorted(which), e, command
+
+
+def quantization_block() -> str:
+    """Every size, format, quantization and engine a launch can pick: the estimate beside the card's
+    figures, the GPUs that hold it, the launch command (from the specs and :mod:`.memory`)."""
+    from .memory import GB
+
+    out = ["| Size | Weights | Quantization | Engine | Families | Weights GB | Total GB | Card GB | GPUs that hold it | Launch |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for size, fmt, quantization, engine, kinds, e, command in variants():
+        method = {"bnb": "4-bit", "fp8": "FP8"}.get(fmt, quantization)
+        gpus = ", ".join(f"{gb} GB x{n}" for gb, n in e.gpus().items() if n)
+        out.append(f"| {size}B | {fmt} | {quantization} | {engine} | {', '.join(kinds)} "
+                   f"| {e.weights / GB:.1f} | {e.total / GB:.1f} | {CARD_90B.get(method, '-') if size == 90 else '-'} "
+                   f"| {gpus} | `{command}` |")
+    return "\n".join(out) + "\n"
+
+
+def guide_launch_block() -> str:
+    """Every launch command, one per size, engine and quantization (the user guide's list)."""
+    out = ["```bash"]
+    for size, fmt, quantization, engine, kinds, e, command in variants():
+        note = "" if len(kinds) == 2 else f"  # {', '.join(kinds)} only"
+        out.append(command + note)
+    return "\n".join(out + ["```"]) + "\n"
+
+
+def launch_options_block() -> str:
+    """Every launch option the plugin adds, or gives its own default, on each engine."""
+    from .engines.common import SKIP_MEMORY_CHECK
+    from .image_policy import KNOBS, default_text
+    from .messages import DEFAULT_MAX_IMAGES
+
+    instruct = next(f for f in load_families() if f.kind == "instruct")
+
+    def per_size(name: str) -> str:
+        spec_values = {}
+        for spec in instruct.specs:
+            if spec.vllm is not None:
+                value = getattr(spec.vllm, name)
+                spec_values.setdefault(value, []).append(f"{spec.model_size_in_billions}B {spec.model_format}")
+        return "; ".join(f"{str(v).lower() if isinstance(v, bool) else v} ({', '.join(w)})"
+                         for v, w in spec_values.items() if v is not None) or "vLLM's"
+
+    rows = [
+        ("max_images", "both", str(DEFAULT_MAX_IMAGES), "images per prompt (vLLM's `limit_mm_per_prompt` follows it)"),
+        ("context_length", "Transformers", f"the checkpoint's `max_position_embeddings` ({instruct.context_length})",
+         "longest prompt plus answer; longer requests get a 400"),
+        ("max_num_seqs", "Transformers", "16 (Xinference's default)", "sequences decoded together by continuous batching"),
+        ("torch_dtype", "Transformers", "bfloat16 on CUDA; Xinference's otherwise (float32 CPU, float16 MPS)", "the weights' dtype"),
+        ("quantization_config", "Transformers", "the recipe of [quantization.md](quantization.md)",
+         "single bitsandbytes settings for `--quantization 8-bit`/`4-bit`"),
+        (SKIP_MEMORY_CHECK, "both", "false", "skip the launch-time memory check on CUDA ([quantization.md](quantization.md))"),
+        ("max_model_len", "vLLM", per_size("max_model_len"), "longest prompt plus answer"),
+        ("max_num_seqs", "vLLM", per_size("max_num_seqs"), "sequences vLLM schedules at once"),
+        ("enforce_eager", "vLLM", per_size("enforce_eager"), "no CUDA graphs ([vllm.md](vllm.md) says why)"),
+        ("gpu_memory_utilization", "vLLM", per_size("gpu_memory_utilization"), "share of each GPU vLLM takes"),
+        ("tensor_parallel_size", "vLLM", per_size("tensor_parallel_size"), "GPUs to split over (launch with the same `--n-gpu`)"),
+    ]
+    rows += [(k.option, "both", default_text(k), k.reason) for k in KNOBS]
+    out = ["| Launch option | Engine | Default | What it does |", "|---|---|---|---|"]
+    out += [f"| `--{name}` | {engine} | {default} | {what} |" for name, engine, default, what in rows]
     return "\n".join(out) + "\n"
 
 
@@ -203,6 +260,7 @@ BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "api.md": {"options": options_block},
     "security.md": {"knobs": knobs_block},
     "quantization.md": {"variants": quantization_block},
+    "guide.md": {"launch": guide_launch_block, "launch-options": launch_options_block},
 }
 
 

@@ -286,7 +286,8 @@ class ImageLimits:
         return out
 
 
-def _default_text(knob: Knob) -> str:
+def default_text(knob: Knob) -> str:
+    """A knob's default, as the docs write it."""
     default = {f.name: f.default for f in fields(ImageLimits)}[knob.field]
     if knob.kind == "seconds":
         return f"{default:g} s"
@@ -309,7 +310,7 @@ def knobs_table() -> str:
     ]
     for knob in KNOBS:
         env = f"`{knob.env}`" + (f" (else Xinference's `{knob.host_env}`)" if knob.host_env else "")
-        rows.append(f"| `{knob.option}` | {env} | {_default_text(knob)} | {knob.reason} |")
+        rows.append(f"| `{knob.option}` | {env} | {default_text(knob)} | {knob.reason} |")
     return "\n".join(rows) + "\n"
 
 
