@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .messages import build_chat_prompt, build_completion_prompt
-from .quantization import FORMATS, refusal
+from .quantization import FORMATS, method_of, refusal
 from .schema import load_families
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -89,7 +89,7 @@ def variants():
     for (size, fmt, quantization), which in sorted(kinds.items(), key=lambda r: (r[0][0], order.index(r[0][1]),
                                                                                 FORMATS[r[0][1]].index(r[0][2]))):
         spec = next(s for s in instruct.specs if (s.model_size_in_billions, s.model_format) == (size, fmt))
-        method = {"bnb": "4-bit", "fp8": "FP8"}.get(fmt, quantization)
+        method = method_of(fmt, quantization)
         e = estimate(ARCHITECTURES[size], method, context_length=8192, max_num_seqs=1)
         for engine in ("transformers", "vllm"):
             if refusal(engine, fmt, quantization) is not None or (engine == "vllm" and spec.vllm is None):
@@ -108,7 +108,7 @@ def quantization_block() -> str:
     out = ["| Size | Weights | Quantization | Engine | Families | Weights GB | Total GB | Card GB | GPUs that hold it | Launch |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for size, fmt, quantization, engine, kinds, e, command in variants():
-        method = {"bnb": "4-bit", "fp8": "FP8"}.get(fmt, quantization)
+        method = method_of(fmt, quantization)
         gpus = ", ".join(f"{gb} GB x{n}" for gb, n in e.gpus().items() if n)
         out.append(f"| {size}B | {fmt} | {quantization} | {engine} | {', '.join(kinds)} "
                    f"| {e.weights / GB:.1f} | {e.total / GB:.1f} | {CARD_90B.get(method, '-') if size == 90 else '-'} "

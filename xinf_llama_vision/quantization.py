@@ -55,6 +55,15 @@ ON_LOAD = ("8-bit", "4-bit")
 FORMATS: Dict[str, Tuple[str, ...]] = {"pytorch": ("none",) + ON_LOAD, "bnb": ("4-bit",), "fp8": ("FP8",)}
 
 
+def method_of(model_format: str, quantization: Optional[str]) -> str:
+    """The :data:`METHODS` entry a variant's weights are stored with (what the memory estimate counts).
+
+    >>> method_of("bnb", "4-bit"), method_of("fp8", "FP8"), method_of("pytorch", "8-bit"), method_of("pytorch", None)
+    ('4-bit', 'FP8', '8-bit', 'none')
+    """
+    return {"bnb": "4-bit", "fp8": "FP8"}.get(model_format, quantization or "none")
+
+
 #: What a variant needs from the machine beyond the engine (engines check it in ``match_json``).
 NEEDS: Dict[str, str] = {
     "fp8": "FP8 checkpoints need an NVIDIA GPU (compute capability 8.0 or newer): vLLM's CPU build has no FP8 kernels",

@@ -104,15 +104,6 @@ def output_room(prompt_tokens: int, max_tokens: Optional[int], context: int) -> 
 SKIP_MEMORY_CHECK = "skip_memory_check"
 
 
-def variant_quantization(model_format: str, quantization: Optional[str]) -> str:
-    """The :mod:`..quantization` method of a launched variant.
-
-    >>> variant_quantization("bnb", "4-bit"), variant_quantization("fp8", "FP8"), variant_quantization("pytorch", None)
-    ('4-bit', 'FP8', 'none')
-    """
-    return {"bnb": "4-bit", "fp8": "FP8"}.get(model_format, quantization or "none")
-
-
 def memory_check_wanted(config: Dict[str, Any]) -> bool:
     """False when the launch says ``--skip_memory_check true``; the option is taken out of ``config``.
 

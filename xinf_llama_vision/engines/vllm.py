@@ -36,12 +36,12 @@ from ..image_policy import KNOBS, ImageLimits
 from ..images import load_images
 from ..messages import Prompt
 from ..parsing import switch
-from ..quantization import NEEDS, refusal
+from ..quantization import NEEDS, method_of, refusal
 from ..registration import ENGINE_ENVS, our_family, serves
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, vllm_pins
 from ..validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling, with_carried
 from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, context_length, launched,
-                     memory_check_wanted, output_room, variant_quantization)
+                     memory_check_wanted, output_room)
 
 logger = logging.getLogger("xinf_llama_vision")
 
@@ -276,7 +276,7 @@ class _MllamaVLLM:
             # vLLM needs room for the weights and one max_model_len sequence before it starts.
             tp = self._model_config.get("tensor_parallel_size") or family_defaults(self.model_family, self.model_spec).get(
                 "tensor_parallel_size") or 1
-            check_memory(self.model_path, variant_quantization(self.model_spec.model_format, self.quantization), [],
+            check_memory(self.model_path, method_of(self.model_spec.model_format, self.quantization), [],
                          self._policy.context_length, gpus=launch_int("tensor_parallel_size", tp))
         self.prepare_requests()
         super().load()

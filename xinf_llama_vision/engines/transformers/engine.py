@@ -23,11 +23,10 @@ from ...grammar import Grammars
 from ...image_policy import ImageLimits
 from ...images import load_images
 from ...messages import Prompt
-from ...quantization import FORMATS, ON_LOAD, bnb_options, refusal
+from ...quantization import FORMATS, ON_LOAD, bnb_options, method_of, refusal
 from ...registration import serves
 from ...validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling
-from ..common import (answer_or_refusal, check_memory, context_length, launched, memory_check_wanted, output_room,
-                      variant_quantization)
+from ..common import answer_or_refusal, check_memory, context_length, launched, memory_check_wanted, output_room
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
 from .scheduler import Logprob, Scheduler, Sequence
@@ -106,8 +105,8 @@ class _Mllama:
         if self._check_memory and device == "cuda":
             # The cache grows with the requests here: the check covers the weights and one sequence.
             fmt = self.model_spec.model_format
-            check_memory(self.model_path, variant_quantization(fmt, self.quantization),
-                         [variant_quantization(fmt, q) for q in FORMATS[fmt]],
+            check_memory(self.model_path, method_of(fmt, self.quantization),
+                         [method_of(fmt, q) for q in FORMATS[fmt]],
                          min(self._policy.context_length, MEMORY_CHECK_CONTEXT),
                          dtype_bytes=4 if str(dtype).endswith("float32") else 2)
         super().load()
