@@ -397,10 +397,13 @@ class Refusal:
         else:
             if message.get("more_body"):
                 return
-            try:
-                payload = json.loads(body)
-            except ValueError:
-                payload = None
+            payload = None
+            # A whole answer (200) hides a refusal only under REFUSAL_KEY: other answers are not parsed.
+            if self.start["status"] != 200 or REFUSAL_KEY.encode() in body:
+                try:
+                    payload = json.loads(body)
+                except ValueError:
+                    pass
         refusal = refusal_in(payload, self.policy)
         if refusal:
             self.done = True
