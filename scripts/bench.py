@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import BIN, Server, base_env, free_port  # noqa: E402
+from conftest import Server, base_env, start_local  # noqa: E402
 from oracle import Reference, data_uri, png  # noqa: E402
 
 CLIENTS = (1, 4, 8, 16)
@@ -199,9 +199,7 @@ def main() -> int:
     results.update(scheduler_rows(reference, reference.render(messages), image, args.max_tokens))
     del reference
 
-    port = free_port()
-    server = Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], base_env(work / "home"),
-                    work / "server.log", f"http://127.0.0.1:{port}")
+    server = start_local(work / "home", base_env(work / "home"))
     try:
         server.wait_ready()
         server.launch("llama-3.2-vision-instruct", "bench", model_path, "--disable-virtual-env")

@@ -79,7 +79,7 @@ def main() -> int:
 
         from openai import OpenAI
 
-        from xinf_llama_vision.tiny import DEMO_QUESTION, picture
+        from xinf_llama_vision.tiny import DEMO_QUESTION, demo_messages, picture
 
         client = OpenAI(base_url=endpoint + "/v1", api_key="not-needed")
         for name, image in (("a red circle", picture("circle", (220, 30, 30))),
@@ -89,10 +89,7 @@ def main() -> int:
             url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
             reply = client.chat.completions.create(
                 model="llama-vision",
-                messages=[{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": DEMO_QUESTION},
-                ]}],
+                messages=demo_messages(url),  # the image, then the question: as the checkpoint was taught
                 max_tokens=32,
                 temperature=0,
             )

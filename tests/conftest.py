@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -173,19 +174,31 @@ def reference(tiny_checkpoint):
     return Reference(tiny_checkpoint)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("xinference-home")
+def start_local(home: Path, env: dict) -> Server:
+    """``xinference-local`` on a free loopback port with ``env``, its log in ``home`` (started, maybe not ready)."""
     port = free_port()
-    srv = Server(
-        [str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)],
-        base_env(home), home / "server.log", f"http://127.0.0.1:{port}",
-    )
+    return Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env, home / "server.log",
+                  f"http://127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def serving(home: Path, env: dict):
+    """:func:`start_local`, ready to answer; stopped on the way out."""
+    srv = start_local(home, env)
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("xinference-home")
+    try:
+        with serving(home, base_env(home)) as srv:
+            yield srv
+    finally:
         if os.environ.get("XLV_KEEP_LOGS"):
             shutil.copy(home / "server.log", os.environ["XLV_KEEP_LOGS"])
 
@@ -196,14 +209,8 @@ def bare_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("xinference-bare")
     env = base_env(home)
     env.pop("XINFERENCE_EXTENSIONS")
-    port = free_port()
-    srv = Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env, home / "server.log",
-                 f"http://127.0.0.1:{port}")
-    try:
-        srv.wait_ready()
+    with serving(home, env) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

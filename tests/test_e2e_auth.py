@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import BIN, Server, base_env, free_port
+from conftest import base_env, start_local
 from oracle import data_uri, png
 from test_e2e_hostile import images_server  # noqa: F401 - the image server, which records every request
 
@@ -39,9 +39,7 @@ def start(tmp_path_factory, name, plugin=True, auth=True, **env):
     if auth:
         environment.pop("XINFERENCE_AUTH_ADVANCED")  # Xinference's default: on
     environment.update(env)
-    port = free_port()
-    server = Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], environment,
-                    home / "server.log", f"http://127.0.0.1:{port}")
+    server = start_local(home, environment)
     deadline = time.time() + 180
     while True:  # up when it answers at all (a client outside XINFERENCE_ALLOWED_IPS gets a 403)
         try:

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, Server, base_env, free_port
+from conftest import base_env, serving
 from oracle import Reference
+from xinf_llama_vision.tiny import DEMO_QUESTION
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("XLV_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts")) / "webui"
-QUESTION = "What shape and colour is in this image?"
+QUESTION = DEMO_QUESTION
 UID = "ui-vision"
 MAX = 8
 
@@ -47,13 +48,9 @@ def ui_messages(image_url: str):
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory):
     """A tiny checkpoint taught to name a red circle and a blue square, asked as the UI asks."""
-    from xinf_llama_vision.messages import build_chat_prompt
-    from xinf_llama_vision.tiny import DEMO, build, picture, teach
+    from xinf_llama_vision.tiny import DEMO, build_taught
 
-    prompt = build_chat_prompt(ui_messages("the picture")).text
-    examples = [(prompt, [picture(shape, rgb)], f"A {colour} {shape}.<|eot_id|>") for shape, colour, rgb in DEMO[:2]]
-    random_dir = str(tmp_path_factory.mktemp("ui-random"))
-    return teach(build(random_dir), str(tmp_path_factory.mktemp("ui-taught")), examples)
+    return build_taught(str(tmp_path_factory.mktemp("ui-taught")), messages=ui_messages, pictures=DEMO[:2])
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +58,8 @@ def ui_server(tmp_path_factory):
     """Auth off (this checks the UI, not auth); virtualenv mode off, so a launch from the dialog
     uses this environment (the virtualenv path is tested by the CLI tests)."""
     home = tmp_path_factory.mktemp("xinference-ui")
-    env = {**base_env(home), "XINFERENCE_ENABLE_VIRTUAL_ENV": "0"}
-    port = free_port()
-    srv = Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env, home / "server.log",
-                 f"http://127.0.0.1:{port}")
-    try:
-        srv.wait_ready()
+    with serving(home, {**base_env(home), "XINFERENCE_ENABLE_VIRTUAL_ENV": "0"}) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from huggingface_hub import errors as hf
 from huggingface_hub.utils import hf_raise_for_status
 
-from conftest import BIN, Server, base_env, free_port
+from conftest import base_env, free_port, serving
 from xinf_llama_vision.weights import WeightsUnavailable, explain
 
 REPO = "meta-llama/Llama-3.2-11B-Vision-Instruct"
@@ -150,14 +150,10 @@ def hub_server(tmp_path_factory):
         XINFERENCE_MODEL_SRC="huggingface",  # no auto-detection (it would probe other hubs off the machine)
         XINFERENCE_DOWNLOAD_MAX_ATTEMPTS="1",
     )
-    port = free_port()
-    server = Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env, home / "server.log",
-                    f"http://127.0.0.1:{port}")
     try:
-        server.wait_ready()
-        yield server, hub
+        with serving(home, env) as server:
+            yield server, hub
     finally:
-        server.stop()
         hub.close()
 
 

@@ -108,7 +108,7 @@ def quantization_block() -> str:
     out = ["| Size | Weights | Quantization | Engine | Families | Weights GB | Total GB | Card GB | GPUs that hold it | Launch |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for size, fmt, quantization, engine, kinds, e, command in variants():
-        method = method_of(fmt, quantization)
+        method = e.inputs["quantization"]
         gpus = ", ".join(f"{gb} GB x{n}" for gb, n in e.gpus().items() if n)
         out.append(f"| {size}B | {fmt} | {quantization} | {engine} | {', '.join(kinds)} "
                    f"| {e.weights / GB:.1f} | {e.total / GB:.1f} | {CARD_90B.get(method, '-') if size == 90 else '-'} "

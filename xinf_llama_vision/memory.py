@@ -202,8 +202,7 @@ def estimate(arch: Architecture, quantization: str = "none", context_length: int
     cross_cache = cross * kv_token * image_tokens * max_num_seqs
     chunk = min(prefill_tokens, context_length)
     text = chunk * (4 * arch.hidden_size + 2 * arch.intermediate_size) * dtype_bytes
-    vision_tokens = images_per_seq * arch.max_num_tiles * arch.tokens_per_tile
-    vision = vision_tokens * (4 * arch.vision_hidden_size + 2 * arch.vision_intermediate_size
+    vision = image_tokens * (4 * arch.vision_hidden_size + 2 * arch.vision_intermediate_size
                               + arch.vision_output_dim) * dtype_bytes
     logits = max_num_seqs * arch.vocab_size * 4
     activations = max(text, vision) + logits + RUNTIME_RESERVE

@@ -173,15 +173,21 @@ def picture(shape: str, rgb) -> "Image.Image":
     return image
 
 
-def build_taught(out_dir: str) -> str:
-    """The demo's checkpoint: :func:`build`, then :func:`teach` to name each picture of :data:`DEMO`."""
+def demo_messages(image_url: str):
+    """The demo's question about one picture, as a chat: the image, then :data:`DEMO_QUESTION`."""
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": DEMO_QUESTION}]}]
+
+
+def build_taught(out_dir: str, messages=demo_messages, pictures=DEMO) -> str:
+    """The demo's checkpoint: :func:`build`, then :func:`teach` to name each of ``pictures`` when asked
+    as ``messages(image_url)`` asks (default: the demo's question after the image, every picture of :data:`DEMO`)."""
     import tempfile
 
     from .messages import build_chat_prompt
 
-    prompt = build_chat_prompt([{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "the picture"}}, {"type": "text", "text": DEMO_QUESTION}]}]).text
-    examples = [(prompt, [picture(shape, rgb)], f"A {colour} {shape}.<|eot_id|>") for shape, colour, rgb in DEMO]
+    prompt = build_chat_prompt(messages("the picture")).text
+    examples = [(prompt, [picture(shape, rgb)], f"A {colour} {shape}.<|eot_id|>") for shape, colour, rgb in pictures]
     with tempfile.TemporaryDirectory() as random_dir:
         return teach(build(random_dir), out_dir, examples)
 
