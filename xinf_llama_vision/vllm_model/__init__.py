@@ -1,0 +1,53 @@
+"""Llama 3.2 Vision (Mllama) for vLLM's V1 engine (vLLM >= 0.32), registered as a vLLM plugin.
+
+vLLM removed its own Mllama after 0.10.2 (V0). This package's model runs on V1's
+encoder-decoder path (Whisper's): the vision tower is the encoder, its tiles are the encoder
+sequence, and the text decoder's cross-attention layers read them from vLLM's cross-attention
+KV cache. :func:`register` is the ``vllm.general_plugins`` entry point, so ``vllm serve DIR``
+and ``vllm.LLM(DIR)`` find it once this package is installed.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "MllamaForConditionalGeneration"
+MODEL = "xinf_llama_vision.vllm_model.model:MllamaForConditionalGeneration"
+#: The first vLLM whose V1 engine this model is written for (and tested on).
+FIRST_V1 = "0.32"
+
+
+def register() -> None:
+    """vLLM's plugin hook: register our Mllama with vLLM >= 0.32 (idempotent, lazy).
+
+    Older vLLMs (up to 0.10.2) have their own Mllama for V0, which is left alone.
+    """
+    import vllm
+    from packaging.version import Version
+    from vllm import ModelRegistry
+
+    if Version(Version(vllm.__version__).base_version) < Version(FIRST_V1):
+        return
+    _declare_encoder_decoder()
+    ModelRegistry.register_model(ARCHITECTURE, MODEL)
+
+
+def _declare_encoder_decoder() -> None:
+    """Make Mllama configs say ``is_encoder_decoder`` in vLLM's processes.
+
+    vLLM V1 takes its encoder-decoder path (encoder inputs, the cross-attention KV cache) only for
+    configs that say so, and transformers' ``MllamaConfig`` does not (transformers runs Mllama as a
+    decoder with cross-attention). Without this, every launch would need
+    ``hf_overrides={"is_encoder_decoder": true}``. Only vLLM loads this plugin, so transformers
+    elsewhere is untouched.
+    """
+    from transformers import MllamaConfig
+
+    if getattr(MllamaConfig.__init__, "_encoder_decoder", False):
+        return
+    original = MllamaConfig.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.is_encoder_decoder = True
+
+    __init__._encoder_decoder = True
+    MllamaConfig.__init__ = __init__
