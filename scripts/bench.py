@@ -249,10 +249,17 @@ def main() -> int:
     model_path = args.model_path
     checkpoint = model_path
     if not model_path:
-        from xinf_llama_vision.tiny import BENCH_TEXT, BENCH_VISION, build
-
-        model_path = build(str(work / "bench"), text=BENCH_TEXT, vision=BENCH_VISION)
+        model_path = str(work / "bench")
         checkpoint = "random, 11B's layer pattern scaled down (xinf_llama_vision.tiny.BENCH_*)"
+        build = "from xinf_llama_vision.tiny import BENCH_TEXT, BENCH_VISION, build; " \
+                f"build({model_path!r}, text=BENCH_TEXT, vision=BENCH_VISION)"
+        v0 = next(iter(VLLM_PATHS.values()))[0] / "bin" / "python"
+        # With the vLLM rows, built by the V0 stage's transformers 4.53: files every path reads (transformers 5
+        # writes a tokenizer class 4.53 does not know), so all of them serve the same weights and answers.
+        import subprocess
+
+        subprocess.run([str(v0) if (args.vllm or args.only_vllm) and v0.exists() else sys.executable, "-c", build],
+                       check=True)
     image = png((200, 30, 30), size=(512, 384))
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
                                              {"type": "text", "text": "What is in this image?"}]}]

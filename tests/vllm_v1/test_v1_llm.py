@@ -3,6 +3,10 @@ entry point registers it, and vLLM's offline engine gives raw transformers' toke
 for every prompt shape, alone and in one mixed batch; a text-only prompt (an empty encoder input)
 also in a batch of image prompts. Requests it cannot serve are refused in words.
 
+vLLM loads a copy of the test checkpoint with its weights under the other layout's names: the end-to-end
+tests serve what transformers saved (the names of Meta's repositories, ``language_model.model.*``), this
+test transformers 5's module names (``model.language_model.*``); the loader takes both.
+
 Runs in a child process: vLLM's engine starts worker processes and holds the CPU's KV cache, which
 must be gone before the end-to-end tests launch their own.
 """
@@ -59,6 +63,34 @@ CHILD = textwrap.dedent('''
 ''' % MAX)
 
 
+#: Meta's repositories' weight names (transformers 4.x, and what transformers 5 still writes) and
+#: transformers 5's module names, prefix for prefix.
+LAYOUTS = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+           ("vision_model.", "model.vision_model."), ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def other_layout(checkpoint: str, out) -> str:
+    """A copy of ``checkpoint`` with its weights under the other layout's names."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out)
+    path = Path(out) / "model.safetensors"
+    weights = load_file(str(path))
+    meta = "language_model.model.embed_tokens.weight" in weights
+    pairs = LAYOUTS if meta else [(new, old) for old, new in LAYOUTS]
+    renamed = {}
+    for name, tensor in weights.items():
+        old, new = next((o, n) for o, n in pairs if name.startswith(o))
+        renamed[new + name[len(old):]] = tensor
+    assert len(renamed) == len(weights)
+    assert ("model.language_model.embed_tokens.weight" if meta else "language_model.model.embed_tokens.weight") in renamed
+    save_file(renamed, str(path), metadata={"format": "pt"})
+    return str(out)
+
+
 def test_vllm_llm_equals_raw_transformers_alone_and_batched(reference, tiny_checkpoint, tmp_path):
     cases, expected = {}, {}
     for name, (messages, images) in PROMPTS.items():
@@ -71,7 +103,8 @@ def test_vllm_llm_equals_raw_transformers_alone_and_batched(reference, tiny_chec
         expected[name] = reference.generate_ids(prompt, images, MAX)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    done = subprocess.run([sys.executable, str(script), tiny_checkpoint], input=json.dumps(cases), text=True,
+    checkpoint = other_layout(tiny_checkpoint, tmp_path / "other-layout")
+    done = subprocess.run([sys.executable, str(script), checkpoint], input=json.dumps(cases), text=True,
                           capture_output=True, timeout=600)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line is not None, done.stderr[-6000:]

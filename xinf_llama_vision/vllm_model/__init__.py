@@ -28,6 +28,29 @@ def register() -> None:
         return
     _declare_encoder_decoder()
     ModelRegistry.register_model(ARCHITECTURE, MODEL)
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP[ARCHITECTURE] = _Eager
+
+
+class _Eager:
+    """vLLM's per-architecture config hook: run eagerly (no torch.compile, no CUDA graphs).
+
+    The model reads each step's attention metadata on the host and builds the prompt's
+    cross-attention masks in Python (:mod:`.model`), which a captured graph cannot replay.
+    """
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        if not vllm_config.model_config.enforce_eager:
+            from vllm.logger import init_logger
+
+            init_logger(__name__).info("Llama 3.2 Vision (Mllama) on vLLM V1 runs eagerly: enforce_eager set")
+            vllm_config.model_config.enforce_eager = True
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return None
 
 
 def _declare_encoder_decoder() -> None:

@@ -502,8 +502,8 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
 
 
 def checkpoint_name(name: str) -> Optional[str]:
-    """Our parameter name for a checkpoint tensor, in transformers 5's layout or the 4.x layout of
-    Meta's repositories (``None`` for buffers that are not weights).
+    """Our parameter name for a checkpoint tensor, under the names of Meta's repositories (which
+    transformers also writes) or transformers 5's module names (``None`` for buffers that are not weights).
 
     >>> checkpoint_name("model.language_model.layers.0.mlp.up_proj.weight")
     'language_model.layers.0.mlp.up_proj.weight'

@@ -81,8 +81,10 @@ class MllamaProcessingInfo(BaseProcessingInfo):
         return self.get_hf_config().image_token_index
 
     def max_images(self) -> int:
-        limit = self.allowed_mm_limits.get("image", 1)
-        return 1 if limit is None else max(1, int(limit))
+        """``--limit-mm-per-prompt``'s image count; 1 where it is not set (Meta's recommendation, and
+        vLLM's default of 999 images would size every request's encoder budget for 999)."""
+        limit = self.ctx.get_mm_config().limit_per_prompt.get("image")
+        return 1 if limit is None else max(1, int(limit.count))
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         return {"image": self.max_images() * self.max_tiles() * self.tokens_per_tile()}
