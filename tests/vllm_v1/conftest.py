@@ -8,22 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_stage import fail_on_skips, launcher, require_line
+from vllm_stage import pytest_sessionfinish, require_line, vllm_launch  # noqa: F401 - the stage's hook and fixture
 
 
 def pytest_sessionstart(session):
     require_line("v1", "vLLM >= 0.32, < 0.34")
-
-
-def pytest_sessionfinish(session, exitstatus):
-    fail_on_skips(session)
-
-
-@pytest.fixture(scope="session")
-def vllm_launch(server, tiny_checkpoint):
-    """``vllm_launch(model_name, uid, *options, path=tiny checkpoint)``: launch on ``--model-engine vllm``
-    and wait until it answers."""
-    return launcher(server, tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")

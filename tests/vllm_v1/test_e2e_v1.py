@@ -14,7 +14,7 @@ import ast
 import pytest
 
 from parity import *  # noqa: F401,F403 - the shared parity tests, collected here
-from parity import MAX, ask
+from parity import MAX, check_chat
 from shapes import SHAPES, THREE_TILES
 
 
@@ -39,11 +39,7 @@ def test_the_three_tile_picture_has_three_tiles(reference):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_mllama_prompt_shapes_match_raw_transformers(server, chat_uid, reference, shape):
-    messages, images = SHAPES[shape]
-    expected, prompt_tokens, n = reference.generate(reference.render(messages), images, MAX)
-    reply = ask(server, chat_uid, messages)
-    assert reply.choices[0].message.content == expected
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, n)
+    check_chat(server, chat_uid, reference, *SHAPES[shape])
 
 
 def test_the_mask_matters_in_these_shapes(reference):

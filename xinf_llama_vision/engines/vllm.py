@@ -232,6 +232,7 @@ class _MllamaVLLM:
 
     # -- launch config ----------------------------------------------------------------
     def __init__(self, *args, **kwargs):
+        self._line = installed_line()  # "v0": vLLM's own Mllama; "v1": ours (xinf_llama_vision.vllm_model)
         super().__init__(*args, **kwargs)
         config = self._model_config
         limit = _mm_limit(config.get("limit_mm_per_prompt"))
@@ -257,7 +258,7 @@ class _MllamaVLLM:
             config.setdefault(name, self._default_max_model_len() if name == "max_model_len" else value)
         if config.get("tensor_parallel_size") is None and not self._device_count:
             config["tensor_parallel_size"] = 1  # vLLM's CPU build: no GPUs to split over
-        if not self._device_count and installed_line() == "v1":
+        if not self._device_count and self._line == "v1":
             config.setdefault("block_size", 32)  # V1's CPU attention needs a multiple of 32 (Xinference's default is 16)
         for name in ("max_num_seqs", "max_model_len", "tensor_parallel_size"):
             if config.get(name) is not None:
@@ -294,7 +295,6 @@ class _MllamaVLLM:
         self._stop_ids = [self._hf_tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
 
     def load(self):
-        self._line = installed_line()
         # vLLM's own Mllama runs on its V0 engine only (vLLM >= 0.8 defaults to V1 where it can). Unset,
         # the variable can still be set here; set to 1, vLLM already chose its V1 classes at import.
         # vLLM >= 0.32 has no V0 engine and no such variable: ours runs on V1.
@@ -318,7 +318,7 @@ class _MllamaVLLM:
 
     def wait_for_load(self):
         super().wait_for_load()
-        if getattr(self, "_line", "v0") == "v0":  # ours (V1) keeps prompts as given itself
+        if self._line == "v0":  # ours (V1) keeps prompts as given itself
             self._keep_decoder_prompt()
         self._compact_json()
 

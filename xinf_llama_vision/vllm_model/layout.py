@@ -21,6 +21,16 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 
+def tokens_per_tile(vision_config) -> int:
+    """Encoder positions per tile: the tile's patches and its class token.
+
+    >>> from types import SimpleNamespace
+    >>> tokens_per_tile(SimpleNamespace(image_size=560, patch_size=14))
+    1601
+    """
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
+
 def image_groups(token_ids: Sequence[int], image_token_id: int) -> List[Tuple[List[int], int, int]]:
     """``(images, start, end)`` per group of consecutive ``<|image|>`` tokens: the group's image
     indices and the token span ``[start, end)`` that sees them.
@@ -53,25 +63,9 @@ def decode_images(token_ids: Sequence[int], image_token_id: int) -> List[int]:
     return groups[-1][0] if groups else []
 
 
-def rows(num_tiles: Sequence[int], decoded: Sequence[int], per_tile: int) -> List[List[int]]:
-    """Row indices of each image's real tiles in the request's encoder sequence.
-
-    The last group's tiles come first (vLLM caches those), then the other images' real tiles,
-    then the padding tiles, which no row lists (only text before the first image sees them).
-
-    >>> rows([2, 1], decoded=[1], per_tile=3)
-    [[3, 4, 5, 6, 7, 8], [0, 1, 2]]
-    """
-    order = list(decoded) + [i for i in range(len(num_tiles)) if i not in decoded]
-    start, out = 0, [[] for _ in num_tiles]
-    for i in order:
-        out[i] = list(range(start, start + num_tiles[i] * per_tile))
-        start += num_tiles[i] * per_tile
-    return out
-
-
 def order(num_tiles: Sequence[int], decoded: Sequence[int], max_tiles: int) -> List[Tuple[int, int]]:
-    """``(image, tile)`` of each tile of the encoder sequence, in order (see :func:`rows`).
+    """``(image, tile)`` of each tile of the encoder sequence, in order: the last group's real tiles
+    first (vLLM caches those), then the other images' real tiles, then the padding tiles.
 
     >>> order([2, 1], decoded=[1], max_tiles=2)
     [(1, 0), (0, 0), (0, 1), (1, 1)]
@@ -80,6 +74,20 @@ def order(num_tiles: Sequence[int], decoded: Sequence[int], max_tiles: int) -> L
             for t in range(num_tiles[i])]
     padding = [(i, t) for i in range(len(num_tiles)) for t in range(num_tiles[i], max_tiles)]
     return real + padding
+
+
+def rows(num_tiles: Sequence[int], decoded: Sequence[int], per_tile: int) -> List[List[int]]:
+    """Row indices of each image's real tiles in the encoder sequence laid out by :func:`order`
+    (``per_tile`` rows a tile; no row lists the padding tiles, which only text before the first
+    image sees).
+
+    >>> rows([2, 1], decoded=[1], per_tile=3)
+    [[3, 4, 5, 6, 7, 8], [0, 1, 2]]
+    """
+    out: List[List[int]] = [[] for _ in num_tiles]
+    for k, (image, _) in enumerate(order(num_tiles, decoded, max_tiles=0)):
+        out[image].extend(range(k * per_tile, (k + 1) * per_tile))
+    return out
 
 
 def cached_length(num_tiles: Sequence[int], decoded: Sequence[int], per_tile: int) -> int:

@@ -45,7 +45,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaMLP
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from . import layout
-from .processing import MllamaDummyInputsBuilder, MllamaMultiModalProcessor, MllamaProcessingInfo
+from .processing import FIELDS, MllamaDummyInputsBuilder, MllamaMultiModalProcessor, MllamaProcessingInfo
 
 # ----------------------------------------------------------------------------------------------
 # The encoder output of one request: its tiles' states, then one row describing the layout.
@@ -161,7 +161,7 @@ class PositionEmbedding(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.tiles, self.hidden = config.max_num_tiles, config.hidden_size
-        self.patches = (config.image_size // config.patch_size) ** 2 + 1
+        self.patches = layout.tokens_per_tile(config)
         self.gate = nn.Parameter(torch.zeros(1))
         self.embedding = nn.Parameter(torch.zeros(self.patches, self.hidden))
         self.tile_embedding = nn.Embedding(config.max_aspect_ratio_id + 1, self.tiles * self.patches * self.hidden)
@@ -176,7 +176,7 @@ class VisionModel(nn.Module):
     def __init__(self, config, prefix: str = "vision_model"):
         super().__init__()
         self.config = config
-        self.patches = (config.image_size // config.patch_size) ** 2 + 1
+        self.patches = layout.tokens_per_tile(config)
         self.intermediate = list(config.intermediate_layers_indices)
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
                                          stride=config.patch_size, bias=False)
@@ -233,13 +233,10 @@ class Step:
 
     image_rows: torch.Tensor  # (tokens, 1): rows of requests with images (others skip the layers)
     masked_out: torch.Tensor  # (tokens, 1): 0 for prompt text before its first image (MLP skipped)
+    any_image: bool  # whether any row has images (else the cross-attention layers are skipped)
     encoder: Optional[torch.Tensor] = None  # prefilling requests' tile states, concatenated
     cached: Optional[torch.Tensor] = None  # the encoder rows vLLM caches, in its order
     prefills: List[Tuple[slice, slice, torch.Tensor]] = field(default_factory=list)  # tokens, rows, visible
-
-    @property
-    def any_image(self) -> bool:
-        return bool(self.image_rows.any())
 
 
 class RowNorm(nn.Module):
@@ -365,7 +362,7 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.text_config = config.text_config
         vision = config.vision_config
         self.image_token_id = config.image_token_index
-        self.per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
+        self.per_tile = layout.tokens_per_tile(vision)
         self.max_tiles = vision.max_num_tiles
         self.vision_model = VisionModel(vision)
         self.multi_modal_projector = nn.Linear(vision.vision_output_dim, self.text_config.hidden_size, bias=True)
@@ -384,8 +381,7 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
     def embed_multimodal(self, **kwargs) -> List[torch.Tensor]:
         if kwargs.get("pixel_values") is None:
             return []
-        fields = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "num_tiles", "decode_mask")
-        per_item = zip(*(_items(kwargs[name]) for name in fields))
+        per_item = zip(*(_items(kwargs[name]) for name in FIELDS))
         out = []
         for pixels, ratio_ids, ratio_mask, num_tiles, decode_mask in per_item:
             dtype = self.multi_modal_projector.weight.dtype
@@ -416,7 +412,7 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
             metadata = metadata[0] if metadata else None
         if not metadata:  # a profiling or warm-up run: every path, no masks
             step = Step(image_rows=torch.ones(tokens, 1, dtype=torch.bool, device=device),
-                        masked_out=torch.ones(tokens, 1, dtype=dtype, device=device))
+                        masked_out=torch.ones(tokens, 1, dtype=dtype, device=device), any_image=True)
             if encoder_outputs:
                 states = torch.cat([unpack(e)[0] for e in encoder_outputs])
                 step.encoder, step.cached = states, torch.arange(states.shape[0], device=device)
@@ -453,7 +449,8 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
             offset += rows.shape[0]
         if next(pending, None) is not None:
             raise RuntimeError("an encoder output was left without its prompt")
-        step = Step(image_rows=image_rows.to(device), masked_out=masked_out.to(device), prefills=prefills)
+        step = Step(image_rows=image_rows.to(device), masked_out=masked_out.to(device),
+                    any_image=bool(image_rows.any()), prefills=prefills)
         if states:
             step.encoder, step.cached = torch.cat(states), torch.cat(cached).to(device)
         return step
@@ -464,11 +461,11 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
         fully masked rows: they attend to every tile, padding included, and skip the MLP)."""
         visible = torch.ones(len(prompt), total, dtype=torch.bool)
         row_ok = torch.zeros(len(prompt), 1)
-        image_rows = layout.rows(tiles, decoded, self.per_tile)
+        tile_rows = layout.rows(tiles, decoded, self.per_tile)
         for images, start, end in layout.image_groups(prompt, self.image_token_id):
             seen = torch.zeros(total, dtype=torch.bool)
             for i in images:
-                seen[image_rows[i]] = True
+                seen[tile_rows[i]] = True
             visible[start:end] = seen
             row_ok[start:end] = 1
         return visible, row_ok

@@ -26,6 +26,8 @@ from . import layout
 
 #: The hf-processor keyword that carries the prompt's last image group to the item (and its hash).
 DECODED = "xlv_decode_images"
+#: The fields of one item (a request's images), as the model's ``embed_multimodal`` receives them.
+FIELDS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "num_tiles", "decode_mask")
 
 
 class ImageGroup(ImageProcessorItems):
@@ -71,8 +73,7 @@ class MllamaProcessingInfo(BaseProcessingInfo):
         return self.get_hf_processor().image_processor
 
     def tokens_per_tile(self) -> int:
-        vision = self.get_hf_config().vision_config
-        return (vision.image_size // vision.patch_size) ** 2 + 1
+        return layout.tokens_per_tile(self.get_hf_config().vision_config)
 
     def max_tiles(self) -> int:
         return self.get_hf_config().vision_config.max_num_tiles
@@ -148,8 +149,7 @@ class MllamaMultiModalProcessor(EncDecMultiModalProcessor[MllamaProcessingInfo])
                                  num_tiles=torch.tensor(out["num_tiles"], dtype=torch.long), decode_mask=mask))
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]):
-        return {name: MultiModalFieldConfig.batched("image")
-                for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "num_tiles", "decode_mask")}
+        return {name: MultiModalFieldConfig.batched("image") for name in FIELDS}
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         image_token = self.info.image_token_id()
