@@ -126,6 +126,11 @@ def test_adapter_build_chat_prompt(pytestconfig):
     @settings(FUZZ, max_examples=ADAPTER_EXAMPLES)
     @given(messages=message_lists, tools=tools, max_images=st.integers(0, 3),
            date_string=st.one_of(st.none(), st.text(max_size=20)), in_user=st.booleans())
+    # What this fuzzer found (fixed): a lone surrogate in a tool's key (CI, 2026-12-02), and so in the date.
+    @example(messages=[{"role": "user", "content": ""}], tools=[{"\ud800": None}], max_images=0, date_string=None,
+             in_user=False)
+    @example(messages=[{"role": "user", "content": "hi"}], tools=None, max_images=0, date_string="\udfff",
+             in_user=False)
     def check(messages, tools, max_images, date_string, in_user):
         counts[_outcome(build_chat_prompt, messages, tools=tools, max_images=max_images, date_string=date_string,
                         tools_in_user_message=in_user)] += 1

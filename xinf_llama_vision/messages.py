@@ -301,6 +301,8 @@ def build_chat_prompt(
     if not isinstance(messages, (list, tuple)) or not messages:
         raise RequestError("messages: send at least one message")
     valid_unicode(messages, "messages")
+    valid_unicode(tools, "tools")
+    valid_unicode(date_string, "chat_template_kwargs.date_string")
     tools = check_tools(tools)
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
