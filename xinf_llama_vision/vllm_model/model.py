@@ -42,6 +42,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsMultiModal
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaMLP
+from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from . import layout
@@ -348,6 +349,15 @@ class TextModel(nn.Module):
                                         dummy_inputs=MllamaDummyInputsBuilder)
 class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    #: Our module names for a checkpoint's: the names of Meta's repositories (which transformers also
+    #: writes) and transformers 5's module names. vLLM applies it to the layer paths of a quantized
+    #: checkpoint's config too (compressed-tensors' ``ignore``), so a layer the checkpoint left
+    #: unquantized is found under either name.
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_substr={"rotary_emb.inv_freq": None},  # a buffer some checkpoints hold, not a weight
+        orig_to_new_prefix={"model.vision_model.": "vision_model.", "model.language_model.": "language_model.",
+                            "model.multi_modal_projector.": "multi_modal_projector.",
+                            "language_model.model.": "language_model.", "language_model.lm_head.": "lm_head."})
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> Optional[str]:
@@ -480,10 +490,7 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> set:
         params = dict(self.named_parameters())
         loaded = set()
-        for name, tensor in weights:
-            name = checkpoint_name(name)
-            if name is None:
-                continue
+        for name, tensor in self.hf_to_vllm_mapper.apply(weights):
             for ours, theirs, shard in self.STACKED:
                 if theirs in name and ".cross_attn." not in name:
                     target = name.replace(theirs, ours)
@@ -496,25 +503,6 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(target)
         return loaded
-
-
-def checkpoint_name(name: str) -> Optional[str]:
-    """Our parameter name for a checkpoint tensor, under the names of Meta's repositories (which
-    transformers also writes) or transformers 5's module names (``None`` for buffers that are not weights).
-
-    >>> checkpoint_name("model.language_model.layers.0.mlp.up_proj.weight")
-    'language_model.layers.0.mlp.up_proj.weight'
-    >>> checkpoint_name("language_model.model.norm.weight"), checkpoint_name("language_model.lm_head.weight")
-    ('language_model.norm.weight', 'lm_head.weight')
-    """
-    if "rotary_emb.inv_freq" in name:
-        return None
-    for old, new in (("model.vision_model.", "vision_model."), ("model.language_model.", "language_model."),
-                     ("model.multi_modal_projector.", "multi_modal_projector."),
-                     ("language_model.model.", "language_model."), ("language_model.lm_head.", "lm_head.")):
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
 
 
 def _items(value) -> List[torch.Tensor]:
