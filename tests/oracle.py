@@ -121,8 +121,8 @@ class Reference:
         with torch.no_grad():
             out = self.model.generate(**self.inputs(prompt, images), max_new_tokens=max_new_tokens, do_sample=False,
                                       output_scores=True, return_dict_in_generate=True)
-        gaps = [float(torch.diff(torch.log_softmax(s[0].float(), -1).topk(2).values.flip(0))) for s in out.scores]
-        return min(gaps)
+        tops = [torch.log_softmax(s[0].float(), -1).topk(2).values for s in out.scores]
+        return min(float(first - second) for first, second in tops)
 
 
 def teach(checkpoint: str, out_dir: str, prompt: str, answer: str, max_steps: int = 300) -> str:

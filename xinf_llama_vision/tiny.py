@@ -138,7 +138,8 @@ def fp8_dynamic(checkpoint: str, out_dir: str) -> str:
 
     shutil.copytree(checkpoint, out_dir, dirs_exist_ok=True)
     config_path = os.path.join(out_dir, "config.json")
-    config = json.load(open(config_path))
+    with open(config_path) as f:
+        config = json.load(f)
     layer = config["text_config"]["cross_attention_layers"][0]
     kept = [name.format(layer=layer) for name in FP8_KEPT]
     weights = load_file(os.path.join(checkpoint, "model.safetensors"))

@@ -298,14 +298,14 @@ class _MllamaVLLM:
         # vLLM's own Mllama runs on its V0 engine only (vLLM >= 0.8 defaults to V1 where it can). Unset,
         # the variable can still be set here; set to 1, vLLM already chose its V1 classes at import.
         # vLLM >= 0.32 has no V0 engine and no such variable: ours runs on V1.
-        flag = os.environ.get("VLLM_USE_V1")
-        if self._line == "v0" and flag not in (None, "0"):
-            raise RuntimeError(
-                f"VLLM_USE_V1={flag} in this model process, but Llama 3.2 Vision runs on vLLM's V0 engine only; "
-                "launch through Xinference's REST API or CLI (the plugin then sets VLLM_USE_V1=0 for the model), "
-                "add --env VLLM_USE_V1 0 to the launch, or unset VLLM_USE_V1"
-            )
         if self._line == "v0":
+            flag = os.environ.get("VLLM_USE_V1")
+            if flag not in (None, "0"):
+                raise RuntimeError(
+                    f"VLLM_USE_V1={flag} in this model process, but Llama 3.2 Vision runs on vLLM's V0 engine only; "
+                    "launch through Xinference's REST API or CLI (the plugin then sets VLLM_USE_V1=0 for the model), "
+                    "add --env VLLM_USE_V1 0 to the launch, or unset VLLM_USE_V1"
+                )
             os.environ.update(ENGINE_ENVS["vllm"])
         if self._check_memory and self._device_count:
             # vLLM needs room for the weights and one max_model_len sequence before it starts.

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 ARCHITECTURE = "MllamaForConditionalGeneration"
 MODEL = "xinf_llama_vision.vllm_model.model:MllamaForConditionalGeneration"
-#: The first vLLM whose V1 engine this model is written for (and tested on).
-FIRST_V1 = "0.32"
 
 
 def register() -> None:
@@ -24,7 +22,9 @@ def register() -> None:
     from packaging.version import Version
     from vllm import ModelRegistry
 
-    if Version(Version(vllm.__version__).base_version) < Version(FIRST_V1):
+    from ..schema import VLLM_V1_MIN  # the first vLLM whose V1 engine this model is written for
+
+    if Version(Version(vllm.__version__).base_version) < Version(VLLM_V1_MIN):
         return
     _declare_encoder_decoder()
     ModelRegistry.register_model(ARCHITECTURE, MODEL)
