@@ -72,14 +72,8 @@ def expected_answers(reference, max_tokens=None) -> Dict[str, Expected]:
 def tokens_far_from_ties(reference, name: str, margin: float) -> int:
     """How many of the case's greedy tokens (raw transformers) win by at least ``margin`` in logits:
     answers that long are the same under any engine's rounding; a near tie further on is not."""
-    import torch
-
     messages, images, options = CASES[name]
-    inputs = reference.inputs(reference.render(messages, DATE), images)
-    with torch.no_grad():
-        out = reference.model.generate(**inputs, max_new_tokens=options["max_tokens"], do_sample=False,
-                                        output_scores=True, return_dict_in_generate=True)
-    gaps = [float(torch.topk(s[0].float(), 2).values.diff().abs()) for s in out.scores]
+    gaps = reference.gaps(reference.render(messages, DATE), images, options["max_tokens"])
     return next((i for i, gap in enumerate(gaps) if gap < margin), len(gaps))
 
 

@@ -112,17 +112,16 @@ class Reference:
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
         return self.decode(new), inputs["input_ids"].shape[1], len(new)
 
-    def margin(self, prompt: str, images: List[Image.Image], max_new_tokens: int) -> float:
-        """The smallest gap, in log-probability, between the first and second choice over the steps of
-        :meth:`generate`: how far its greedy answer is from a tie another implementation could break
-        the other way."""
+    def gaps(self, prompt: str, images: List[Image.Image], max_new_tokens: int) -> List[float]:
+        """At each step of :meth:`generate`, how far the greedy token's logit is above the runner-up's
+        (the same gap in log-probability): where it is small, another implementation's rounding can
+        break the tie the other way."""
         import torch
 
         with torch.no_grad():
             out = self.model.generate(**self.inputs(prompt, images), max_new_tokens=max_new_tokens, do_sample=False,
                                       output_scores=True, return_dict_in_generate=True)
-        tops = [torch.log_softmax(s[0].float(), -1).topk(2).values for s in out.scores]
-        return min(float(first - second) for first, second in tops)
+        return [float(first - second) for first, second in (s[0].float().topk(2).values for s in out.scores)]
 
 
 def teach(checkpoint: str, out_dir: str, prompt: str, answer: str, max_steps: int = 300) -> str:
