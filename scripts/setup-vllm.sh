@@ -54,6 +54,15 @@ case "${1-}" in
 esac
 PY=${PY:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
+# vLLM's CPU builds need AVX2 and F16C on x86_64 (xinf_llama_vision/cpu_features.py says why):
+# where this CPU lacks them, say so in words before downloading anything.
+cpu_rc=0
+cpu=$(PYTHONPATH="$ROOT" "$PY" -m xinf_llama_vision.cpu_features) || cpu_rc=$?
+if [ "$cpu_rc" != 0 ]; then
+  echo "setup-vllm: not on this machine: $cpu" >&2
+  exit "$cpu_rc"
+fi
+echo "setup-vllm: $cpu"
 if [ "$MODE" = v1 ]; then
   VENV=${VENV:-$ROOT/.venv-vllm-v1}
   # The mode is part of the stamp: a venv built by one mode never passes for the other.
@@ -242,15 +251,29 @@ PYEOF
   echo "export VLLM_CPU_KVCACHE_SPACE=\${VLLM_CPU_KVCACHE_SPACE:-1}" > "$ENVFILE"
 
   # Checks that would otherwise fail late, inside a test: vLLM's C++ ops load with this
-  # machine's libstdc++ (no GLIBCXX shim), torchvision is absent rather than broken, and
-  # vLLM finds the plugin's Mllama through the entry point of the editable install.
+  # machine's libstdc++ (no GLIBCXX shim): the kernel library vLLM itself picks for this CPU
+  # (_C needs AVX-512 with BF16, _C_AVX512 AVX-512, _C_AVX2 AVX2; importing vllm._C by hand
+  # dies of SIGILL on CPUs without AVX-512); torchvision is absent rather than broken; and vLLM
+  # finds the plugin's Mllama through the entry point of the editable install.
+  local rc=0
   (source "$ENVFILE" && "$VENV/bin/python" -c '
-import importlib.util, vllm._C
+import importlib.util
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+loaded = sorted({line.rsplit("/", 1)[-1].strip() for line in open("/proc/self/maps") if "/vllm/_C" in line})
+assert loaded, "no vLLM kernel library loaded"
+print("setup-vllm: vLLM kernels for this CPU:", ", ".join(loaded))
 assert importlib.util.find_spec("torchvision") is None, "torchvision is installed"
 from vllm import ModelRegistry
 from vllm.plugins import load_general_plugins
 load_general_plugins()
-assert "MllamaForConditionalGeneration" in ModelRegistry.get_supported_archs(), "plugin not registered"')
+assert "MllamaForConditionalGeneration" in ModelRegistry.get_supported_archs(), "plugin not registered"') || rc=$?
+  if [ "$rc" -gt 128 ]; then
+    echo "setup-vllm: loading vLLM's kernels died of signal $((rc - 128)) ($(kill -l $((rc - 128)))): this CPU" \
+         "($(PYTHONPATH="$ROOT" "$PY" -c 'from xinf_llama_vision.cpu_features import cpu_name; print(cpu_name())'))" \
+         "cannot run the kernel library vLLM chose for it" >&2
+  fi
+  return "$rc"
 }
 
 "setup_$MODE"

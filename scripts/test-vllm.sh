@@ -6,13 +6,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
+stage="vLLM stage"; [ "${1:-}" = "--v1" ] && stage="vLLM V1 stage"
+# vLLM's CPU builds need AVX2 and F16C (xinf_llama_vision/cpu_features.py): without them, one line and no stage.
+cpu_rc=0
+cpu=$(PYTHONPATH=$PWD "${PY:-python3}" -m xinf_llama_vision.cpu_features) || cpu_rc=$?
+if [ "$cpu_rc" = 3 ]; then
+  echo "$stage skipped: $cpu"
+  exit 0
+fi
+[ "$cpu_rc" = 0 ] || exit "$cpu_rc"
 if [ "${1:-}" = "--v1" ]; then
   shift
-  venv=.venv-vllm-v1 tests=tests/vllm_v1 stage="vLLM V1 stage"
+  venv=.venv-vllm-v1 tests=tests/vllm_v1
   VENV=$PWD/$venv bash scripts/setup-vllm.sh --v1
   source $venv/vllm-cpu.env
 else
-  venv=.venv-vllm tests=tests/vllm stage="vLLM stage"
+  venv=.venv-vllm tests=tests/vllm
   bash scripts/setup-vllm.sh
   source $venv/vllm-cpu.env
   # The recipe selects vLLM's V0 engine; the plugin's engine class must do that itself.
