@@ -1,12 +1,21 @@
-"""The independent side of every parity check: the official template and raw transformers.
+"""The independent side of every parity check: the official template, and Meta's architecture.
 
 Nothing here imports ``xinf_llama_vision``'s prompt or engine code.
+
+Where images are involved, transformers computes something else than Meta's model (docs/fidelity.md):
+its vision tower hands the projector other intermediate layers (transformers >= 4.55), and tokens
+before the first image attend to it (every version). So the reference model here is transformers'
+text decoder and generation, with Meta's vision tower (:mod:`meta_reference`, written from Meta's
+code) in place of transformers', and Meta's rule for tokens that see no image added as a hook; the
+fidelity tests check it against :class:`meta_reference.MetaMllama` alone, token for token, on a
+checkpoint shaped like the real ones. Text-only prompts are transformers' own.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import io
 import json
 from pathlib import Path
@@ -74,6 +83,7 @@ class Reference:
         dtype = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # 4.x in .venv-vllm
         options = {} if quantization_config is None else {"quantization_config": quantization_config}
         self.model = MllamaForConditionalGeneration.from_pretrained(path, **{dtype: torch.float32}, **options).eval()
+        as_meta(self.model, path)
         self.template = TEMPLATE.read_text()
 
     def render(self, messages: List[dict], date_string: Optional[str] = None, **kwargs) -> str:
@@ -122,6 +132,35 @@ class Reference:
             out = self.model.generate(**self.inputs(prompt, images), max_new_tokens=max_new_tokens, do_sample=False,
                                       output_scores=True, return_dict_in_generate=True)
         return [float(first - second) for first, second in (s[0].float().topk(2).values for s in out.scores)]
+
+
+def as_meta(model, path: str) -> None:
+    """transformers' ``model`` with Meta's vision tower and Meta's rule for tokens that see no image (a
+    cross-attention layer gives them nothing: Meta multiplies its attention output by the row's flag,
+    transformers only its MLP)."""
+    from meta_reference import MetaMllama
+    from transformers.modeling_outputs import BaseModelOutput
+
+    meta, vision = MetaMllama(path), model.model.vision_model
+
+    def meta_vision(pixel_values, aspect_ratio_ids, aspect_ratio_mask, **kwargs):
+        states = meta.vision_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        return BaseModelOutput(last_hidden_state=states.to(vision.patch_embedding.weight.dtype))
+
+    vision.forward = meta_vision
+    for index in model.config.text_config.cross_attention_layers:
+        layer = model.model.language_model.layers[index]
+        layer.register_forward_pre_hook(_keep_row_flags, with_kwargs=True)
+        layer.cross_attn.register_forward_hook(functools.partial(_blind_rows_get_nothing, layer))
+
+
+def _keep_row_flags(layer, args, kwargs):
+    layer.row_flags = kwargs["full_text_row_masked_out_mask"]
+
+
+def _blind_rows_get_nothing(layer, attention, args, output):
+    flags = layer.row_flags
+    return output if flags is None else (output[0] * flags[:, 0], *output[1:])
 
 
 def teach(checkpoint: str, out_dir: str, prompt: str, answer: str, max_steps: int = 300) -> str:

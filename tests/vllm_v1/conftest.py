@@ -13,6 +13,11 @@ from vllm_stage import pytest_sessionfinish, require_line, vllm_launch  # noqa: 
 
 def pytest_sessionstart(session):
     require_line("v1", "vLLM >= 0.32, < 0.34")
+    from xinf_llama_vision.cpu_features import cpu_flags, vllm_kernels
+
+    kernels = vllm_kernels(cpu_flags())
+    print(f"vLLM V1 stage: vLLM's {kernels} kernels on this CPU" + (
+        "; tensor parallelism not tested on them (it failed in vLLM, docs/vllm.md)" if kernels == "_C_AVX2" else ""))
 
 
 @pytest.fixture(scope="session")

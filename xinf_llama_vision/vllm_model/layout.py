@@ -3,11 +3,11 @@
 Pure functions over token ids and tile counts (no vLLM, no torch), shared by the processor and
 the model.
 
-**Mllama's rule** (transformers' ``get_cross_attention_token_mask``): the text from an
-``<|image|>`` token up to the next one sees that image; consecutive ``<|image|>`` tokens form
-one group whose images are all seen until the next group; text before the first image sees no
-image (its cross-attention row is "masked out"); generated tokens see what the prompt's last
-token sees, i.e. the last group.
+**Meta's rule** (llama-models' ``create_vision_mask``; transformers' ``get_cross_attention_token_mask``):
+image ``k`` is seen from its own ``<|image|>`` token up to the next image's token; in a run of
+adjacent ``<|image|>`` tokens each image is seen as far as the run's last one (so the run's first
+token sees only its own image); text before the first image sees no image (it gets nothing from a
+cross-attention layer); generated tokens see what the prompt's last token sees: the last run.
 
 **The encoder sequence of a request** is every image's tiles, laid out so that vLLM's
 cross-attention KV cache (which attends without a mask) holds exactly what generated tokens
@@ -31,36 +31,31 @@ def tokens_per_tile(vision_config) -> int:
     return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
 
 
-def image_groups(token_ids: Sequence[int], image_token_id: int) -> List[Tuple[List[int], int, int]]:
-    """``(images, start, end)`` per group of consecutive ``<|image|>`` tokens: the group's image
-    indices and the token span ``[start, end)`` that sees them.
+def image_spans(token_ids: Sequence[int], image_token_id: int) -> List[Tuple[int, int]]:
+    """``[start, end)`` of the tokens that see each image, in image order.
 
-    >>> image_groups([1, 9, 2, 3, 9, 9, 4], image_token_id=9)
-    [([0], 1, 4), ([1, 2], 4, 7)]
-    >>> image_groups([1, 2], image_token_id=9)
+    >>> image_spans([1, 9, 2, 3, 9, 9, 4], image_token_id=9)  # the run's first token sees only its image
+    [(1, 4), (4, 7), (5, 7)]
+    >>> image_spans([1, 2], image_token_id=9)
     []
     """
     locations = [i for i, t in enumerate(token_ids) if t == image_token_id]
-    groups: List[Tuple[List[int], int, int]] = []
-    for n, loc in enumerate(locations):
-        if groups and locations[n - 1] == loc - 1:
-            groups[-1][0].append(n)
-        else:
-            groups.append(([n], loc, len(token_ids)))
-    return [(images, start, groups[k + 1][1] if k + 1 < len(groups) else end)
-            for k, (images, start, end) in enumerate(groups)]
+    ends = locations[1:] + [len(token_ids)]
+    for k in range(len(locations) - 2, -1, -1):
+        if ends[k] == locations[k] + 1:  # the next token is an image too: seen as far as it is
+            ends[k] = ends[k + 1]
+    return list(zip(locations, ends))
 
 
 def decode_images(token_ids: Sequence[int], image_token_id: int) -> List[int]:
-    """The images that generated tokens see: the last group's (none without images).
+    """The images that generated tokens see: those seen by the prompt's last token (none without images).
 
     >>> decode_images([1, 9, 2, 9, 3], 9)
     [1]
     >>> decode_images([1, 9, 9, 2], 9)
     [0, 1]
     """
-    groups = image_groups(token_ids, image_token_id)
-    return groups[-1][0] if groups else []
+    return [k for k, (_, end) in enumerate(image_spans(token_ids, image_token_id)) if end == len(token_ids)]
 
 
 def order(num_tiles: Sequence[int], decoded: Sequence[int], max_tiles: int) -> List[Tuple[int, int]]:

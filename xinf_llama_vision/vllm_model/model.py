@@ -8,12 +8,15 @@ What is ours:
 
 * the **vision tower** (tiles, aspect-ratio and gated position embeddings, local and gated global
   layers, intermediate layers) and the projector, with tensor-parallel linears;
-* the **cross-attention decoder layers** (tanh gates, q/k RMSNorm), and Mllama's **per-token
+* the **cross-attention decoder layers** (tanh gates, q/k RMSNorm), and Meta's **per-token
   image mask**, which vLLM's ``CrossAttention`` does not have. vLLM caches the keys and values
-  of what generated tokens see (the prompt's last image group, :mod:`.layout`), and its kernel
+  of what generated tokens see (the prompt's last run of images, :mod:`.layout`), and its kernel
   answers every decode row from that cache. A prompt's rows are recomputed at prefill with
-  PyTorch's SDPA and each token's mask over all the request's tiles (text before the first
-  image sees every tile, padding included, and skips the MLP: transformers' "fully masked row");
+  PyTorch's SDPA and each token's mask over all the request's tiles; text before the first image
+  gets nothing from the layer (Meta multiplies the attention output and the MLP by the row's
+  "sees an image" flag);
+* the vision tower's **intermediate layers** as Meta's ``ImageTransformer`` hands them over: the
+  *input* of each listed block, stacked on the last axis (docs/fidelity.md);
 * **text-only requests skip the cross-attention layers**, as in transformers, also when they
   share a batch with image requests.
 
@@ -139,12 +142,15 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionLayer(config, gated, f"{prefix}.layers.{i}") for i in range(layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        seen = []
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor,
+                keep: Sequence[int] = ()) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The last state, and the *input* of each block listed in ``keep``."""
+        kept = []
+        for i, layer in enumerate(self.layers):
+            if i in keep:
+                kept.append(x)
             x = layer(x, mask)
-            seen.append(x)
-        return x, seen
+        return x, kept
 
 
 class AspectRatioEmbedding(nn.Module):
@@ -206,11 +212,12 @@ class VisionModel(nn.Module):
         x = F.pad(x, (0, 0, 0, pad))
         length = self.patches + pad
         mask = tile_mask(aspect_ratio_mask, self.patches, length, x.dtype)
-        x, seen = self.transformer(x.reshape(images, tiles * length, dim), mask)
+        x, kept = self.transformer(x.reshape(images, tiles * length, dim), mask, self.intermediate)
         x = self.layernorm_post(x).reshape(images, tiles, length, dim)
         x = self.post_tile_positional_embedding(x, aspect_ratio_ids)
         x, _ = self.global_transformer(x.reshape(images, tiles * length, dim), mask)
-        parts = [x] + [seen[i] for i in self.intermediate]
+        # channel c of the k-th listed layer at c * K + k, after the final state's channels
+        parts = [x, torch.stack(kept, dim=-1).flatten(-2)]
         return torch.cat([p.reshape(images, tiles, length, -1)[:, :, :self.patches] for p in parts], dim=-1)
 
 
@@ -233,7 +240,7 @@ class Step:
     """What the cross-attention layers need to know about the tokens of one forward step."""
 
     image_rows: torch.Tensor  # (tokens, 1): rows of requests with images (others skip the layers)
-    masked_out: torch.Tensor  # (tokens, 1): 0 for prompt text before its first image (MLP skipped)
+    masked_out: torch.Tensor  # (tokens, 1): 0 for prompt text before its first image (gets nothing)
     any_image: bool  # whether any row has images (else the cross-attention layers are skipped)
     encoder: Optional[torch.Tensor] = None  # prefilling requests' tile states, concatenated
     cached: Optional[torch.Tensor] = None  # the encoder rows vLLM caches, in its order
@@ -303,7 +310,7 @@ class CrossAttentionLayer(nn.Module):
             out = out.flatten(1)
         else:
             out = a.attn(q.flatten(1), None, None)
-        out, _ = a.o_proj(out)
+        out, _ = a.o_proj(out * step.masked_out)
         h = hidden + self.cross_attn_attn_gate.tanh() * out
         mlp = self.mlp(self.post_attention_layernorm(h)) * step.masked_out
         h = h + self.cross_attn_mlp_gate.tanh() * mlp
@@ -467,18 +474,16 @@ class MllamaForConditionalGeneration(nn.Module, SupportsMultiModal):
 
     def _prompt_mask(self, prompt: Sequence[int], tiles: Sequence[int], decoded: Sequence[int],
                      total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Each prompt token's visible tile rows, and 0 for rows that see no image (transformers'
-        fully masked rows: they attend to every tile, padding included, and skip the MLP)."""
-        visible = torch.ones(len(prompt), total, dtype=torch.bool)
-        row_ok = torch.zeros(len(prompt), 1)
+        """Each prompt token's visible tile rows (Meta's spans, :func:`layout.image_spans`), and 0 for
+        rows that see no image (the layer gives them nothing; their attention sees every row, so that
+        SDPA has something to average)."""
+        visible = torch.zeros(len(prompt), total, dtype=torch.bool)
         tile_rows = layout.rows(tiles, decoded, self.per_tile)
-        for images, start, end in layout.image_groups(prompt, self.image_token_id):
-            seen = torch.zeros(total, dtype=torch.bool)
-            for i in images:
-                seen[tile_rows[i]] = True
-            visible[start:end] = seen
-            row_ok[start:end] = 1
-        return visible, row_ok
+        for image, (start, end) in enumerate(layout.image_spans(prompt, self.image_token_id)):
+            visible[start:end, tile_rows[image]] = True
+        row_ok = visible.any(-1, keepdim=True)
+        visible[~row_ok[:, 0]] = True
+        return visible, row_ok.to(torch.float32)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.logits_processor(self.lm_head, hidden_states)

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from xinference.model.llm.transformers.core import PytorchChatModel, PytorchModel
 
+from ...compat.transformers_mllama import meta_mllama
 from ...generation import Detokenizer, Sampling, StopText
 from ...grammar import Grammars
 from ...image_policy import ImageLimits
@@ -152,6 +153,7 @@ class _Mllama:
             kwargs["dtype"] = kwargs.pop("torch_dtype")  # the name since 4.56 (torch_dtype deprecated)
         self._processor = AutoProcessor.from_pretrained(self.model_path, revision=kwargs.get("revision"))
         model = MllamaForConditionalGeneration.from_pretrained(self.model_path, low_cpu_mem_usage=True, **kwargs)
+        meta_mllama(model)  # Meta's architecture where this transformers computes otherwise (docs/fidelity.md)
         tokenizer = self._processor.tokenizer
         self._stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
         return model.eval(), tokenizer
