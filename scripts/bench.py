@@ -236,8 +236,9 @@ def main() -> int:
     checkpoint = model_path
     if not model_path:
         model_path = str(work / "bench")
-        checkpoint = "random, 11B's layer pattern scaled down (xinf_llama_vision.tiny.BENCH_*)"
-        build = "from xinf_llama_vision.tiny import BENCH_TEXT, BENCH_VISION, build; " \
+        checkpoint = "random, 11B's layer pattern scaled down (tests/tiny.py: BENCH_*)"
+        build = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); " \
+                "from tiny import BENCH_TEXT, BENCH_VISION, build; " \
                 f"build({model_path!r}, text=BENCH_TEXT, vision=BENCH_VISION)"
         v0 = next(iter(VLLM_PATHS.values()))[0] / "bin" / "python"
         # With the vLLM rows, built by the V0 stage's transformers 4.53: files every path reads (transformers 5

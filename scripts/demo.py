@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tiny.py: the test checkpoint, and the demo's taught one
 BIN = Path(sys.executable).parent
 
 
@@ -37,7 +38,7 @@ def main() -> int:
     work.mkdir(exist_ok=True)
     model_path = args.model_path
     if not model_path:
-        from xinf_llama_vision.tiny import build_taught
+        from tiny import build_taught
 
         model_path = str(work / "tiny-mllama-taught")
         if not (Path(model_path) / "config.json").exists():
@@ -79,7 +80,7 @@ def main() -> int:
 
         from openai import OpenAI
 
-        from xinf_llama_vision.tiny import DEMO_QUESTION, demo_messages, picture
+        from tiny import DEMO_QUESTION, demo_messages, picture
 
         client = OpenAI(base_url=endpoint + "/v1", api_key="not-needed")
         for name, image in (("a red circle", picture("circle", (220, 30, 30))),

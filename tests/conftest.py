@@ -162,7 +162,7 @@ def base_uid(launched):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
-    from xinf_llama_vision.tiny import build
+    from tiny import build
 
     return build(str(tmp_path_factory.mktemp("tiny-mllama")))
 

@@ -10,7 +10,11 @@ prompt opening with its image, where nothing else differs).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import pytest
@@ -97,14 +101,33 @@ def render(tokenizer, messages) -> str:
                                          add_generation_prompt=True, date_string=DATE)
 
 
+#: Where Meta's answers are kept between the test stages of one checkout (the main suite computes them,
+#: the vLLM stages read them): keyed by everything they are a function of, so a change recomputes.
+CACHE = Path(os.environ.get("XLV_TEST_CACHE", Path(__file__).resolve().parents[1] / ".cache")) / "meta-answers"
+
+
+def _key(weights: str, inputs, stop: List[int]) -> str:
+    """The weights' digest, the case's exact model inputs (token ids, pixels, tiling), the stop tokens,
+    :data:`MAX` and the reference's own source."""
+    import meta_reference
+
+    digest = hashlib.sha256(f"{weights} {MAX} {stop}".encode())
+    for name in sorted(inputs):
+        digest.update(name.encode() + inputs[name].numpy().tobytes())
+    digest.update(Path(meta_reference.__file__).read_bytes())
+    return digest.hexdigest()
+
+
 def meta_answers(path: str):
     """Every case's :class:`Answer` from Meta's architecture (:class:`meta_reference.MetaMllama`) on the
-    checkpoint at ``path``: greedy, stopping at the instruct family's stop tokens."""
+    checkpoint at ``path``: greedy, stopping at the instruct family's stop tokens (from :data:`CACHE` when
+    the same inputs were answered before)."""
     from transformers import AutoProcessor
 
     from meta_reference import MetaMllama
 
-    processor, meta = AutoProcessor.from_pretrained(path), MetaMllama(path)
+    processor, meta = AutoProcessor.from_pretrained(path), None
+    weights = hashlib.sha256(Path(path, "model.safetensors").read_bytes()).hexdigest()
     tokenizer = processor.tokenizer
     stop = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")]
     out = {}
@@ -112,10 +135,17 @@ def meta_answers(path: str):
         prompt = render(tokenizer, case.messages) if case.messages is not None else case.base_prompt()
         inputs = processor(images=case.images or None, text=prompt, add_special_tokens=False, return_tensors="pt")
         prompt_ids = inputs["input_ids"][0].tolist()
+        kept = CACHE / f"{_key(weights, inputs, stop)}.json"
+        if kept.exists():
+            out[name] = Answer(**json.loads(kept.read_text()))
+            continue
+        meta = meta or MetaMllama(path)
         ids, gaps = meta.greedy_gaps(prompt_ids, inputs, MAX, stop)
         text = tokenizer.decode([i for i in ids if i not in stop], skip_special_tokens=True,
                                 clean_up_tokenization_spaces=False)
         out[name] = Answer(len(prompt_ids), ids, text, gaps)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(asdict(out[name])))
     return out
 
 

@@ -166,7 +166,7 @@ def _blind_rows_get_nothing(layer, attention, args, output):
 def teach(checkpoint: str, out_dir: str, prompt: str, answer: str, max_steps: int = 300) -> str:
     """A copy of ``checkpoint`` taught (raw transformers, Adam) that greedy decoding of the text-only
     ``prompt`` gives exactly ``answer``: a model whose output a test knows in advance (a tool call, say)."""
-    from xinf_llama_vision.tiny import teach as teach_examples
+    from tiny import teach as teach_examples
 
     return teach_examples(checkpoint, out_dir, [(prompt, [], answer)], max_steps)
 

@@ -1,6 +1,6 @@
 """A checkpoint shaped like the real Llama 3.2 Vision, narrow enough for a CPU: the fidelity tests'.
 
-The tiny checkpoint (:mod:`xinf_llama_vision.tiny`) keeps the serving tests fast, but its vision tower
+The tiny checkpoint (:mod:`tiny` (tests/tiny.py)) keeps the serving tests fast, but its vision tower
 has one intermediate layer and near-identity random layers, so it cannot tell Meta's features from a
 library's bug. This one keeps every structural feature of the real 11B/90B configs, at small widths:
 
@@ -13,7 +13,7 @@ library's bug. This one keeps every structural feature of the real 11B/90B confi
   first two of 11B's ``[3, 8, 13, …, 38]``), grouped-query attention, **llama3 RoPE scaling with the
   real parameters** and the real 131,072-token context;
 * the tile embeddings of padding tiles are zero, as in Meta's converted repositories
-  (:func:`xinf_llama_vision.tiny.build` does that for every test checkpoint).
+  (:func:`tiny.build`, tests/tiny.py, does that for every test checkpoint).
 
 The output head is sharpened so greedy answers are far from ties (tests check the gaps).
 """
@@ -44,7 +44,7 @@ def build(out_dir: str, seed: int = SEED) -> str:
     """Write the structural checkpoint to ``out_dir`` (model, the real tokenizer, processor). Every
     weight is drawn here, in name order, from one seeded generator: the same checkpoint whatever
     transformers builds it (the vLLM stages' 4.x and the main run's 5.x)."""
-    from xinf_llama_vision.tiny import build as build_tiny
+    from tiny import build as build_tiny
 
     return build_tiny(out_dir, text=TEXT, vision=VISION, head_scale=HEAD_SCALE,
                       init=lambda model: _init(model, seed))

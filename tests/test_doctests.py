@@ -26,6 +26,6 @@ def test_doctests(name):
 
 def test_the_pure_modules_have_examples():
     counts = {name: doctest.testmod(importlib.import_module(name)).attempted for name in MODULES}
-    for name in ("generation", "options", "validation", "messages", "grammar", "engines.transformers.responses",
+    for name in ("generation", "request.options", "request.checks", "request.wire", "request.messages", "request.grammar", "engines.transformers.responses",
                  "engines.transformers.penalties"):
         assert counts[f"xinf_llama_vision.{name}"] > 0, name

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from oracle import OpenAIFormula, Raw, data_uri, png
-from xinf_llama_vision.options import CHAT, COMPLETIONS, EXTENSIONS, OPTIONS
+from xinf_llama_vision.request.options import CHAT, COMPLETIONS, EXTENSIONS, OPTIONS
 
 RED = png((220, 30, 30))
 IMAGE_CHAT = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(RED)}},
@@ -116,7 +116,9 @@ def test_chat_logprobs_equal_log_softmax_of_raw_logits(server, chat_uid, raw):
         assert [t["token"] for t in entry["top_logprobs"]] == [raw.ref.tokenizer.decode([i]) for i in top_ids.tolist()]
         for got, want in zip(entry["top_logprobs"], values.tolist()):
             assert math.isclose(got["logprob"], want, abs_tol=1e-4)
-        assert entry["bytes"] == list(entry["token"].encode())
+    # Each token's own bytes (tests/test_token_bytes.py: also parts of a character): joined, the answer.
+    joined = b"".join(bytes(entry["bytes"]) for entry in content)
+    assert joined.decode("utf-8", errors="replace") == body["choices"][0]["message"]["content"]
     # Streaming gives the same entries, spread over the chunks.
     chunks = stream(server, chat_uid, "/v1/chat/completions",
                     {"messages": IMAGE_CHAT, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 3})
@@ -149,7 +151,9 @@ def test_no_logprobs_unless_asked(server, chat_uid):
 def test_n_three_choices_each_as_raw_with_its_seed(server, chat_uid, raw):
     body = chat(server, chat_uid, IMAGE_CHAT, max_tokens=10, temperature=1.0, seed=5, n=3)
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
-    expected = [raw.chat(IMAGE_CHAT, [RED], 10, seed=5 + i, do_sample=True, temperature=1.0)[0] for i in range(3)]
+    # top_k=0: a request without top_k samples from every token (the checkpoint sets none; docs/api.md).
+    expected = [raw.chat(IMAGE_CHAT, [RED], 10, seed=5 + i, do_sample=True, temperature=1.0, top_k=0)[0]
+                for i in range(3)]
     assert [c["message"]["content"] for c in body["choices"]] == [raw.text(ids) for ids in expected]
     assert len({c["message"]["content"] for c in body["choices"]}) == 3
     assert body["usage"]["completion_tokens"] == sum(len(ids) for ids in expected)
@@ -177,9 +181,20 @@ def test_seed_gives_the_same_answer_as_raw_with_that_seed(server, chat_uid, raw)
     first = chat(server, chat_uid, max_tokens=12, temperature=1.0, seed=7)["choices"][0]["message"]["content"]
     again = chat(server, chat_uid, max_tokens=12, temperature=1.0, seed=7)["choices"][0]["message"]["content"]
     other = chat(server, chat_uid, max_tokens=12, temperature=1.0, seed=8)["choices"][0]["message"]["content"]
-    ids, _ = raw.chat(TEXT_CHAT, [], 12, seed=7, do_sample=True, temperature=1.0)
+    ids, _ = raw.chat(TEXT_CHAT, [], 12, seed=7, do_sample=True, temperature=1.0, top_k=0)
     assert first == again == raw.text(ids)
     assert other != first
+
+
+def test_top_k_zero_is_no_top_k_as_unset_is(server, chat_uid, raw):
+    """Every engine reads an unset top_k and 0 alike: no top-k (transformers' own default would be 50).
+    (-1, vLLM's old word for it, Xinference's REST schema refuses before the plugin sees it.)"""
+    answer = chat(server, chat_uid, max_tokens=12, temperature=1.5, seed=9, top_k=0)["choices"][0]["message"]
+    unset = chat(server, chat_uid, max_tokens=12, temperature=1.5, seed=9)["choices"][0]["message"]
+    everything, _ = raw.chat(TEXT_CHAT, [], 12, seed=9, do_sample=True, temperature=1.5, top_k=0)
+    fifty, _ = raw.chat(TEXT_CHAT, [], 12, seed=9, do_sample=True, temperature=1.5, top_k=50)
+    assert raw.text(everything) != raw.text(fifty)  # the seed tells the two readings apart
+    assert answer["content"] == unset["content"] == raw.text(everything)
 
 
 # -- penalties --------------------------------------------------------------------------------
@@ -196,7 +211,7 @@ def flat(server, tmp_path_factory):
     """``(uid, Raw)`` of a checkpoint with flatter logits (top tokens 1-3 apart, not ~20): there,
     penalties of OpenAI's size change greedy answers."""
     from oracle import Reference
-    from xinf_llama_vision.tiny import build
+    from tiny import build
 
     path = build(str(tmp_path_factory.mktemp("flat-mllama")), head_scale=6.0)
     uid = server.launch("llama-3.2-vision-instruct", "flat-logits", path, "--disable-virtual-env")
@@ -294,6 +309,9 @@ def test_unsupported_options_are_a_400_naming_them(server, chat_uid, base_uid, n
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs: must be between 0 and 20, got 21"),
     ({"seed": "seven"}, "seed: expected a number"),
     ({"presence_penalty": 3}, "presence_penalty: must be between -2 and 2"),
+    ({"top_p": 0}, "top_p: must be above 0 and at most 1"),
+    ({"temperature": 2.5}, "temperature: must be between 0 and 2"),
+    ({"max_tokens": 0}, "max_tokens: must be >= 1"),
     ({"response_format": {"type": "yaml"}}, "response_format.type: expected"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema: expected a JSON Schema object"),
 ])

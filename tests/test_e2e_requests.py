@@ -342,7 +342,8 @@ def test_a_tool_call_answer_comes_back_as_openai_tool_calls(server, tool_caller)
 
 def test_tool_call_answers_become_openai_tool_calls(tiny_checkpoint):
     """The engine hands a tool-call answer to Xinference's llama3 tool parser (real classes, no server)."""
-    from xinf_llama_vision.registration import register, our_families, to_xinference
+    from xinf_llama_vision.catalog import our_families
+    from xinf_llama_vision.registration import register, to_xinference
 
     register()
     from xinf_llama_vision.engines.transformers import MllamaChatModel

@@ -30,7 +30,7 @@ import pytest
 
 from conftest import base_env, serving
 from oracle import Reference
-from xinf_llama_vision.tiny import DEMO_QUESTION
+from tiny import DEMO_QUESTION
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("XLV_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts")) / "webui"
@@ -48,7 +48,7 @@ def ui_messages(image_url: str):
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory):
     """A tiny checkpoint taught to name a red circle and a blue square, asked as the UI asks."""
-    from xinf_llama_vision.tiny import DEMO, build_taught
+    from tiny import DEMO, build_taught
 
     return build_taught(str(tmp_path_factory.mktemp("ui-taught")), messages=ui_messages, pictures=DEMO[:2])
 
@@ -127,7 +127,7 @@ def test_launch_page_lists_the_family_and_its_dialog_offers_the_specs(page, ui_s
 
 
 def test_launch_from_the_dialog_and_chat_with_an_image(page, ui_server, taught):
-    from xinf_llama_vision.tiny import DEMO, picture
+    from tiny import DEMO, picture
 
     _, dialog = open_launch_dialog(page, ui_server.endpoint, "llama-3.2-vision-instruct")
     choose(page, dialog, "Model Engine", "Transformers")

@@ -42,8 +42,10 @@ def test_the_transformers_engine_answers_as_meta(server, uid_of, meta, name):
 
 
 def test_all_at_once_each_answers_as_meta(server, uid_of, meta):
-    """Batched prefill and decode (mixed tiles, images and text only), streaming and not."""
-    jobs = [(name, stream) for name in CASES for stream in (False, True)] * 2
+    """Batched prefill and decode (mixed tiles, images and text only), streaming and not: 16 requests at once.
+    (32 at once, beside the rest of the suite's models on a 24 GB CI machine, once ran the model process out of
+    memory: the engine does not yet admit by memory, issue 21.)"""
+    jobs = [(name, stream) for name in CASES for stream in (False, True)]
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda job: (job, ask(server, uid_of, *job)), jobs))
     for (name, _), got in answers:

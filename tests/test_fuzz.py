@@ -1,6 +1,6 @@
 """Property-based fuzzing: generated request structures against the adapter and the running server.
 
-* The adapter (``validation.check_chat`` / ``check_completion`` with random policies, and
+* The adapter (``request.checks.check_chat`` / ``check_completion`` with random policies, and
   ``messages.build_chat_prompt``): every input either succeeds or raises ``RequestError``; any
   other exception is a bug.
 * The server (real ``xinference-local``, raw HTTP; JSON bodies and some bytes that are not JSON):
@@ -32,10 +32,11 @@ from fuzz_strategies import (
     message_lists,
     tools,
 )
-from xinf_llama_vision import image_fetch
+from xinf_llama_vision.images import fetch as image_fetch
 from xinf_llama_vision.errors import RequestError
-from xinf_llama_vision.messages import build_chat_prompt
-from xinf_llama_vision.validation import Policy, check_chat, check_completion
+from xinf_llama_vision.request import Policy
+from xinf_llama_vision.request.checks import check_chat, check_completion
+from xinf_llama_vision.request.messages import build_chat_prompt
 
 #: Examples per adapter property (thousands in all); XLV_FUZZ_SCALE multiplies them.
 SCALE = float(os.environ.get("XLV_FUZZ_SCALE", "1"))

@@ -1,8 +1,8 @@
 """The image loader against hostile and faulty sources (no Xinference server needed).
 
 A real HTTP server runs in a thread on 127.0.0.1. Safety net for every test: the loader's name
-lookup (``image_fetch._resolve``) answers only from a table the test sets, and its socket opener
-(``image_fetch._open_socket``) connects to loopback only and records every attempt, so no test can
+lookup (``images.fetch._resolve``) answers only from a table the test sets, and its socket opener
+(``images.fetch._open_socket``) connects to loopback only and records every attempt, so no test can
 send traffic anywhere else.
 """
 
@@ -29,10 +29,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from PIL import Image, ImageFile
 
-from xinf_llama_vision import image_fetch, image_policy, images
+from xinf_llama_vision.images import addresses, decode, fetch as image_fetch, limits, load, naming, sources
 from xinf_llama_vision.errors import ImageError, RequestError
-from xinf_llama_vision.image_policy import KNOBS, ImageLimits, describe
-from xinf_llama_vision.images import load_image, load_images
+from xinf_llama_vision.images import ImageLimits, load_image, load_images
+from xinf_llama_vision.images.limits import KNOBS
+from xinf_llama_vision.images.naming import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ("127.0.0.1", "::1")
@@ -405,7 +406,7 @@ def test_good_image_is_fetched_when_loopback_is_allow_listed(srv):
     ],
 )
 def test_non_public_addresses_are_refused_before_connecting(address, why, net):
-    assert image_policy.address_refusal(address).startswith(why)
+    assert addresses.address_refusal(address).startswith(why)
     host = f"[{address}]" if ":" in address else address
     refused(f"http://{host}:8080/x.png", None, f"{why}", address)
     net.names["name.test"] = [address]
@@ -416,7 +417,7 @@ def test_non_public_addresses_are_refused_before_connecting(address, why, net):
 @pytest.mark.parametrize("address", ["93.184.215.14", "8.8.8.8", "2606:4700:4700::1111"])
 def test_public_addresses_pass_the_check(address):
     assert ipaddress.ip_address(address).is_global
-    assert image_policy.address_refusal(address) is None
+    assert addresses.address_refusal(address) is None
 
 
 def test_one_bad_address_among_several_refuses_the_host(net):
@@ -783,7 +784,7 @@ def test_launch_option_beats_env_var_in_behaviour(srv, monkeypatch):
 
 def test_doctests_of_the_module_pass():
     attempted = 0
-    for module in (images, image_policy, image_fetch):
+    for module in (load, limits, naming, sources, addresses, image_fetch, decode):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module
         attempted += result.attempted

@@ -8,7 +8,7 @@ import pytest
 
 from oracle import TEMPLATE, to_hf
 from xinf_llama_vision.errors import RequestError
-from xinf_llama_vision.messages import build_chat_prompt, build_completion_prompt
+from xinf_llama_vision.request.messages import build_chat_prompt, build_completion_prompt
 
 IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 URL = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
@@ -20,7 +20,7 @@ def official():
     """The official template, rendered the way transformers renders chat templates."""
     from transformers import PreTrainedTokenizerFast
 
-    from xinf_llama_vision.tiny import tokenizer_dir
+    from tiny import tokenizer_dir
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
     template = TEMPLATE.read_text()
@@ -150,7 +150,7 @@ def test_hf_image_parts_and_separate_images_must_pair_up(images, message):
 def test_exact_token_ids_of_an_image_prompt():
     from transformers import PreTrainedTokenizerFast
 
-    from xinf_llama_vision.tiny import tokenizer_dir
+    from tiny import tokenizer_dir
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
     text = build_chat_prompt(SHAPES["image then text"], date_string=DATE).text

@@ -12,7 +12,7 @@ import pytest
 
 from xinf_llama_vision.memory import ARCHITECTURES, GB, Architecture, DoesNotFit, check_fit, estimate, parameters
 from xinf_llama_vision.quantization import FORMATS, refusal
-from xinf_llama_vision.tiny import BENCH_TEXT, BENCH_VISION, TEXT, VISION, build
+from tiny import BENCH_TEXT, BENCH_VISION, TEXT, VISION, build
 
 #: The model card's "Quantizations & VRAM" for 90B (../shared/seeds): GB at 16, 8 and 4.5 bits.
 CARD_90B = {"none": 180.7, "8-bit": 89.8, "4-bit": 50.8}
@@ -98,6 +98,15 @@ def test_a_shorter_context_is_offered_when_it_is_what_fits():
         check_fit(arch, need, [40 * GB], [])
     shorter = int(e.value.args[0].split("--max_model_len ")[1].split(".")[0].split(",")[0])
     assert estimate(arch, "none", context_length=shorter).total <= 40 * GB < need.total
+
+
+def test_the_shorter_context_is_named_by_the_engines_own_option():
+    """vLLM's option is --max_model_len; the Transformers engine's is --context_length (the other is ignored there)."""
+    arch = ARCHITECTURES[11]
+    need = estimate(arch, "none", context_length=131072)
+    with pytest.raises(DoesNotFit) as e:
+        check_fit(arch, need, [40 * GB], [], context_option="--context_length")
+    assert "--context_length " in str(e.value) and "--max_model_len" not in str(e.value)
 
 
 def test_estimate_command_prints_the_table():

@@ -37,7 +37,7 @@ def test_repository_ids_follow_meta_naming():
 def test_stop_token_ids_match_the_real_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from xinf_llama_vision.tiny import tokenizer_dir
+    from tiny import tokenizer_dir
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir())
     for family in load_families():
@@ -144,3 +144,24 @@ def test_a_format_offers_only_its_quantizations():
     text = (spec_dir() / "llama-3.2-vision.yaml").read_text().replace("quantizations: [4-bit]", "quantizations: [8-bit]", 1)
     with pytest.raises(SpecError, match=r"bnb weights come in quantizations \['4-bit'\], not \['8-bit'\]"):
         parse_family(text, "x.yaml")
+
+
+def test_pyproject_declares_the_transformers_the_engine_serves_with():
+    """The declared requirement (main and vllm extra) is TRANSFORMERS_VERSIONS, whose minimum the 4.x stage runs at."""
+    import pathlib
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from xinf_llama_vision.schema import TRANSFORMERS_MIN, TRANSFORMERS_VERSIONS
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] + project["optional-dependencies"]["vllm"]
+    declared = [Requirement(line).specifier for line in lines if Requirement(line).name == "transformers"]
+    assert len(declared) == 2
+    for specifier in declared:
+        assert set(TRANSFORMERS_VERSIONS) <= set(specifier), specifier
+    stage = re.search(r"transformers==([\d.]+)", (root / "scripts" / "setup-vllm.sh").read_text()).group(1)
+    assert stage == TRANSFORMERS_MIN

@@ -18,7 +18,8 @@ import yaml
 
 from oracle import data_uri, png
 from xinf_llama_vision.quantization import NEEDS
-from xinf_llama_vision.registration import our_families, to_xinference
+from xinf_llama_vision.catalog import our_families
+from xinf_llama_vision.registration import to_xinference
 from xinf_llama_vision.schema import spec_dir
 
 RED, BLUE = png((200, 30, 30)), png((10, 20, 220), size=(30, 90))
@@ -282,7 +283,7 @@ def test_completion_text_only_and_checkpoint_sampling_defaults(base_model, refer
 
 
 def test_requests_are_refused_like_the_transformers_engine(chat_model, base_model):
-    from xinf_llama_vision.messages import RequestError
+    from xinf_llama_vision.errors import RequestError
 
     three = SHAPES["two images"][0][0]["content"] + [{"type": "image_url", "image_url": {"url": data_uri(RED)}}]
     with pytest.raises(RequestError, match="at most 2"):
@@ -295,7 +296,7 @@ def test_requests_are_refused_like_the_transformers_engine(chat_model, base_mode
 
 def test_context_length_is_the_checkpoints_and_is_enforced(base_model):
     from xinf_llama_vision.engines.common import ContextTooLong
-    from xinf_llama_vision.messages import RequestError
+    from xinf_llama_vision.errors import RequestError
 
     assert base_model._policy.context_length == 4096  # the tiny checkpoint's max_position_embeddings
     with pytest.raises(RequestError, match="max_tokens: 4096 is more than this model's context length of 4096"):

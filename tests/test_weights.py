@@ -18,7 +18,8 @@ from huggingface_hub import errors as hf
 from huggingface_hub.utils import hf_raise_for_status
 
 from conftest import base_env, free_port, serving
-from xinf_llama_vision.weights import WeightsUnavailable, explain
+from xinf_llama_vision.errors import WeightsUnavailable
+from xinf_llama_vision.weights import explain
 
 REPO = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 PAGE = f"https://huggingface.co/{REPO}"
@@ -197,8 +198,8 @@ def test_the_wrapper_leaves_other_models_alone():
     """Only our families get the explanation; another model's download error passes unchanged."""
     from xinference.model.llm.cache_manager import LLMCacheManager
 
-    import xinf_llama_vision.weights as weights
-    from xinf_llama_vision.registration import our_family, register
+    from xinf_llama_vision.compat import xinference_download
+    from xinf_llama_vision.registration import explain_download, register
 
     register()
     assert getattr(LLMCacheManager.cache, "_xlv", False)
@@ -216,16 +217,16 @@ def test_the_wrapper_leaves_other_models_alone():
     def offline(self):
         raise hf.LocalEntryNotFoundError("offline")
 
-    weights.uninstall()
+    xinference_download.uninstall()
     real = LLMCacheManager.cache
     try:
         LLMCacheManager.cache = offline
-        weights.install(lambda family: our_family(family) is not None)
+        xinference_download.install(explain_download)
         with pytest.raises(hf.LocalEntryNotFoundError):
             LLMCacheManager.cache(Manager("qwen2.5-instruct"))
         with pytest.raises(WeightsUnavailable, match="unreachable"):
             LLMCacheManager.cache(Manager("llama-3.2-vision"))
     finally:
-        weights.uninstall()
+        xinference_download.uninstall()
         LLMCacheManager.cache = real
-        weights.install(lambda family: our_family(family) is not None)
+        xinference_download.install(explain_download)

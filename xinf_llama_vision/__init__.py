@@ -5,7 +5,9 @@ until :func:`register` is called (Xinference calls it through the extension fact
 ``xinf_llama_vision.extension:create``; see ``docs/activation.md``).
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["__version__", "register", "unregister"]
 
 
 def register() -> None:

@@ -20,7 +20,7 @@ import urllib.request
 from importlib import metadata
 from typing import List, Optional, Tuple
 
-from . import __version__
+from ._version import __version__
 from .api import STATUS_PATH
 from .extension import ENTRY
 from .memory import ARCHITECTURES, estimate, report

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .messages import build_chat_prompt, build_completion_prompt
+from .request.messages import build_chat_prompt, build_completion_prompt
 from .quantization import FORMATS, method_of, refusal
 from .schema import load_families
 
@@ -128,8 +128,8 @@ def guide_launch_block() -> str:
 def launch_options_block() -> str:
     """Every launch option the plugin adds, or gives its own default, on each engine."""
     from .engines.common import SKIP_MEMORY_CHECK
-    from .image_policy import KNOBS, default_text
-    from .messages import DEFAULT_MAX_IMAGES
+    from .images.limits import KNOBS, default_text
+    from .request.messages import DEFAULT_MAX_IMAGES
 
     instruct = next(f for f in load_families() if f.kind == "instruct")
 
@@ -240,14 +240,14 @@ def prompt_examples_block() -> str:
 
 def options_block() -> str:
     """Every OpenAI request parameter and what each engine does with it (:mod:`.options`)."""
-    from .options import table
+    from .request.options import table
 
     return table()
 
 
 def knobs_block() -> str:
-    """Every image setting: launch option, environment variables, default (:data:`.image_policy.KNOBS`)."""
-    from .image_policy import knobs_table
+    """Every image setting: launch option, environment variables, default (:data:`.images.limits.KNOBS`)."""
+    from .images.limits import knobs_table
 
     return knobs_table()
 

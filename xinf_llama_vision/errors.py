@@ -1,9 +1,9 @@
-"""The exceptions a client can see, in one place (nothing of ours imported here).
+"""The exceptions a client or an operator can see, in one place (nothing of ours imported here).
 
 Each becomes an HTTP 400 whose message names the problem and the fix. The API process's guard
 answers a :class:`RequestError` it finds itself, before Xinference's handler. One found in the
 model process (an image it cannot fetch or decode, a prompt too long for the context) comes back
-as an answer ``{REFUSAL_KEY: message}`` instead of an exception, which Xinference would hide
+as an answer ``{REFUSAL_KEY: message}`` (:mod:`.request.wire`) instead of an exception, which Xinference would hide
 behind a 500 (``engines.common.answer_or_refusal``); the guard turns that answer into the 400.
 """
 
@@ -16,5 +16,19 @@ class ImageError(RequestError):
     """An image that cannot be used; the message names it and says why (HTTP 400)."""
 
 
-#: The key of a model's answer that stands for a :class:`RequestError` (see the module's docstring).
-REFUSAL_KEY = "xinf_llama_vision_refusal"
+
+class WeightsUnavailable(RuntimeError):
+    """The weights of one of our models could not be downloaded; the message says what to do (a launch
+    failure, shown by ``xinference launch``; see :mod:`.weights`)."""
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be used; the message names the file and the field."""
+
+
+class DoesNotFit(RuntimeError):
+    """A launch that would run out of GPU memory; the message says what would fit."""
+
+
+class RequestLeft(RuntimeError):
+    """What a caller still reading a cancelled sequence gets (Xinference's abort of a request)."""

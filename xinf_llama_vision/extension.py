@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import __version__
+from ._version import __version__
 
 logger = logging.getLogger("xinf_llama_vision")
 

@@ -24,6 +24,8 @@ class Sampling:
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
+    #: ``None``: unset (the checkpoint's ``generation_config`` decides, and without one there no top-k);
+    #: ``0``: no top-k (a request's ``0`` or ``-1``, as OpenAI-compatible servers read them).
     top_k: Optional[int] = None
     stop: Tuple[str, ...] = ()
     stop_token_ids: Tuple[int, ...] = ()
@@ -72,6 +74,12 @@ def sampling_from_config(config: Optional[Dict[str, Any]]) -> Sampling:
     Traceback (most recent call last):
     ...
     xinf_llama_vision.errors.RequestError: top_p: must be between 0 and 1, got 2.0
+    >>> sampling_from_config({"top_p": 0})
+    Traceback (most recent call last):
+    ...
+    xinf_llama_vision.errors.RequestError: top_p: must be above 0 and at most 1 (1 keeps every token), got 0.0
+    >>> [sampling_from_config({"top_k": k}).top_k for k in (None, -1, 0, 40)]
+    [None, 0, 0, 40]
     """
     config = dict(config or {})
     stop = config.get("stop") or ()
@@ -85,12 +93,15 @@ def sampling_from_config(config: Optional[Dict[str, Any]]) -> Sampling:
     if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in ids):
         raise RequestError("stop_token_ids: expected a list of token ids")
     top_k = _number(config, "top_k", int, -1)
+    top_p = _number(config, "top_p", float, 0, 1)
+    if top_p == 0:
+        raise RequestError("top_p: must be above 0 and at most 1 (1 keeps every token), got 0.0")
     options = config.get("stream_options")
     return Sampling(
         max_tokens=_number(config, "max_tokens", int, 1),
         temperature=_number(config, "temperature", float, 0, 2),
-        top_p=_number(config, "top_p", float, 0, 1),
-        top_k=None if top_k in (None, -1, 0) else top_k,
+        top_p=top_p,
+        top_k=0 if top_k == -1 else top_k,
         stop=tuple(stop),
         stop_token_ids=tuple(ids),
         stream=bool(config.get("stream")),
@@ -230,3 +241,26 @@ class Detokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(prefix) :]
+
+
+class TokenBytes:
+    """Each token's own bytes, read from a byte-level BPE tokenizer's pieces (Llama 3's): what OpenAI's
+    ``logprobs[].bytes`` is for, since a token may hold only part of a character (an emoji, most CJK,
+    many accented letters), and its text alone is then U+FFFD. Added (special) tokens are their text.
+
+    ``tokenizer``: a transformers tokenizer (``convert_ids_to_tokens``, ``added_tokens_decoder``);
+    the byte ↔ character table is transformers' own (``bytes_to_unicode``, as GPT-2 defined it).
+    """
+
+    def __init__(self, tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self._tokenizer = tokenizer
+        self._byte = {char: byte for byte, char in bytes_to_unicode().items()}
+        self._added = set(tokenizer.added_tokens_decoder)
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self._tokenizer.convert_ids_to_tokens(int(token_id))
+        if token_id in self._added or not all(c in self._byte for c in piece):
+            return piece.encode("utf-8")
+        return bytes(self._byte[c] for c in piece)

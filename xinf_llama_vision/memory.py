@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .errors import DoesNotFit
 from .quantization import METHODS
 
 GB = 1e9
@@ -229,20 +230,18 @@ def report(size: int, e: Estimate) -> str:
     return "\n".join(lines)
 
 
-class DoesNotFit(RuntimeError):
-    """A launch that would run out of GPU memory; the message says what would fit."""
-
-
 def check_fit(arch: Architecture, need: Estimate, free: Sequence[int], quantizations: Sequence[str],
-              option: str = "--skip_memory_check true") -> None:
+              option: str = "--skip_memory_check true", context_option: str = "--max_model_len") -> None:
     """Raise :class:`DoesNotFit` when ``need`` exceeds the free memory of the launch's GPUs
-    (``free``: bytes per GPU, as ``torch.cuda.mem_get_info`` reports), naming launches that fit.
+    (``free``: bytes per GPU, as ``torch.cuda.mem_get_info`` reports), naming launches that fit
+    (a shorter context by the engine's own option: ``--max_model_len`` on vLLM, ``--context_length``
+    on the Transformers engine).
 
     >>> arch = ARCHITECTURES[90]
     >>> check_fit(arch, estimate(arch, "none"), [80 * GB], ["none", "8-bit", "4-bit"])
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.memory.DoesNotFit: this launch needs about 182.9 GB of GPU memory and 1 GPU has 80.0 GB free. Launches that would fit: --quantization 4-bit, --n-gpu 4 (GPUs like these). Or skip this check: --skip_memory_check true
+    xinf_llama_vision.errors.DoesNotFit: this launch needs about 182.9 GB of GPU memory and 1 GPU has 80.0 GB free. Launches that would fit: --quantization 4-bit, --n-gpu 4 (GPUs like these). Or skip this check: --skip_memory_check true
     """
     have = sum(free)
     if need.total <= have:
@@ -261,7 +260,7 @@ def check_fit(arch: Architecture, need: Estimate, free: Sequence[int], quantizat
     while context > 1024 and not fits(context_length=context):
         context //= 2
     if context < inputs["context_length"] and fits(context_length=context):
-        ideas.append(f"--max_model_len {context}")
+        ideas.append(f"{context_option} {context}")
     seqs = inputs["max_num_seqs"]
     while seqs > 1 and not fits(max_num_seqs=seqs):
         seqs //= 2

@@ -1,8 +1,9 @@
 """Registration with Xinference: our families and engine classes, ahead of the built-ins.
 
-One idempotent function, :func:`register`, over two data tables: the families read from
-``model_specs/`` and :data:`ENGINES` below. Engine modules are imported only when Xinference
-asks for its engine table, never at ``import xinf_llama_vision``.
+One idempotent function, :func:`register`, over two data tables: the catalog's families
+(:mod:`.catalog`, read from ``model_specs/``) and :data:`ENGINES` below, engine classes by name.
+Engine modules are imported only when Xinference asks for its engine table, never at
+``import xinf_llama_vision``.
 
 * Engines go in through Xinference's official pre-bootstrap hook
   (``xinference.engine_hooks``) when this process has not built its model registry yet, and
@@ -15,11 +16,15 @@ asks for its engine table, never at ``import xinf_llama_vision``.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import threading
 from typing import Any, Dict, List, Optional, Tuple
+
+from ._version import __version__
+from .catalog import our_families, our_family
+from .compat import xinference_download, xinference_refresh
+from .weights import explain
 
 logger = logging.getLogger("xinf_llama_vision")
 
@@ -31,14 +36,8 @@ ENGINES: Tuple[Tuple[str, str], ...] = (
     ("vLLM", "xinf_llama_vision.engines.vllm:MllamaVLLMGenerateModel"),
 )
 
-#: Environment a model process of an engine needs (lower-case engine name → variables). The API
-#: process adds them to launches of our families (Xinference sets a launch's ``envs`` in the model
-#: process before it imports anything): vLLM picks its V0 or V1 engine classes at import time,
-#: and Mllama runs on V0 only.
-ENGINE_ENVS: Dict[str, Dict[str, str]] = {"vllm": {"VLLM_USE_V1": "0"}}
-
 _lock = threading.RLock()
-_state: Dict[str, Any] = {"registered": False, "builtins": {}, "ours": {}, "refresh": None, "hook": None}
+_state: Dict[str, Any] = {"registered": False, "builtins": {}, "ours": {}, "hook": None}
 
 
 def _load(path: str) -> type:
@@ -63,34 +62,6 @@ def _remove_engines(table) -> None:
     for engine, cls in engine_classes():
         if cls in table.get(engine, []):
             table[engine].remove(cls)
-
-
-@functools.lru_cache(maxsize=1)
-def our_families() -> Dict[str, Any]:
-    """name → our validated family (``BaseFamily`` or ``InstructFamily``), read once."""
-    from .schema import load_families
-
-    return {f.model_name: f for f in load_families()}
-
-
-def our_family(llm_family) -> Optional[Any]:
-    """Our family behind Xinference's ``llm_family``: by its name, or for a custom model registered on
-    top of one of ours, by its ``model_family``; ``None`` for any other model."""
-    families = our_families()
-    for name in (getattr(llm_family, "model_name", None), getattr(llm_family, "model_family", None)):
-        if name in families:
-            return families[name]
-    return None
-
-
-def serves(llm_family, kind: str) -> Tuple[bool, str]:
-    """Whether our ``kind`` ("base"/"instruct") engine class serves ``llm_family``."""
-    ours = our_family(llm_family)
-    if ours is None:
-        return False, f"xinf-llama-vision serves {', '.join(sorted(our_families()))}, not {llm_family.model_name}"
-    if ours.kind != kind:
-        return False, f"{ours.model_name} is a {ours.kind} family; this engine class serves {kind} families"
-    return True, ""
 
 
 def to_xinference(family) -> Any:
@@ -125,6 +96,16 @@ def _install_families() -> None:
         LLM_VERSION_INFOS.update(generate_llm_version_info(ours))
 
 
+def _reinstall_families() -> None:
+    with _lock:
+        if _state["registered"]:
+            _install_families()
+
+
+def explain_download(family, error: BaseException, name: str, repo_id: Optional[str], hub: Optional[str]) -> Optional[str]:
+    return explain(error, name, repo_id, hub) if our_family(family) is not None else None
+
+
 def register() -> None:
     """Register our families and engines in this Xinference process. Idempotent."""
     from xinference.engine_hooks import MODEL_TYPE_LLM, register_engine_registration_hook
@@ -142,21 +123,8 @@ def register() -> None:
         if _state["hook"] == "live":
             add_engines(llm.SUPPORTED_ENGINES)
         _install_families()
-        from .weights import install as explain_download_failures
-
-        explain_download_failures(lambda family: our_family(family) is not None)  # a failed download of our weights says what to do
-        refresh = llm.register_builtin_model
-        if not getattr(refresh, "_xlv", False):
-
-            def register_builtin_model():
-                refresh()
-                with _lock:
-                    if _state["registered"]:
-                        _install_families()
-
-            register_builtin_model._xlv = True
-            _state["refresh"] = refresh
-            llm.register_builtin_model = register_builtin_model
+        xinference_download.install(explain_download)  # a failed download of our weights says what to do
+        xinference_refresh.install(_reinstall_families)  # a refresh of Xinference's catalog keeps ours
         _state["registered"] = True
 
 
@@ -181,18 +149,13 @@ def unregister() -> None:
             if original is not None:
                 llm.generate_engine_config_by_model_family(original)
                 LLM_VERSION_INFOS.update(generate_llm_version_info(original))
-        if _state["refresh"] is not None:
-            llm.register_builtin_model = _state["refresh"]
-        from .weights import uninstall
-
-        uninstall()
-        _state.update(registered=False, builtins={}, ours={}, refresh=None)
+        xinference_refresh.uninstall()
+        xinference_download.uninstall()
+        _state.update(registered=False, builtins={}, ours={})
 
 
 def status() -> Dict[str, Any]:
     """What is registered in this process (for logs, the status route and ``doctor``)."""
-    from . import __version__
-
     info: Dict[str, Any] = {"version": __version__, "registered": _state["registered"], "via": _state["hook"]}
     if _state["registered"]:
         import xinference.model.llm as llm

@@ -18,11 +18,11 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import SpecError
 from .quantization import FORMATS
 
 Ability = Literal["generate", "chat", "vision", "tools"]
 Hub = Literal["huggingface", "modelscope"]
-
 
 
 def vllm_pins(packages: List[str]) -> List[Tuple[str, List[str]]]:
@@ -46,9 +46,6 @@ def vllm_pins(packages: List[str]) -> List[Tuple[str, List[str]]]:
             out.append((package, [s.version for s in requirement.specifier if s.operator in ("==", "===")]))
     return out
 
-class SpecError(ValueError):
-    """A spec file that cannot be used; the message names the file and the field."""
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
@@ -59,6 +56,11 @@ class StopToken(_Strict):
     id: int = Field(ge=0)
 
 
+#: The transformers releases the Transformers engine serves Llama 3.2 Vision with: from the oldest one
+#: the tests run (the 4.x stage), 4.55 excluded (its intermediate vision layers cannot be brought to
+#: Meta's, docs/fidelity.md). ``pyproject.toml`` declares the same (tests/test_schema.py).
+TRANSFORMERS_MIN = "4.53.2"
+TRANSFORMERS_VERSIONS = SpecifierSet(f">={TRANSFORMERS_MIN},!=4.55.*")
 #: The vLLM releases that can run Mllama: it arrived in 0.6.3 (with the V0 engine it needs)
 #: and was removed after 0.10.2.
 VLLM_MIN, VLLM_MAX = "0.6.3", "0.10.2"
@@ -234,7 +236,7 @@ def parse_family(text: str, source: str = "<string>") -> Union[BaseFamily, Instr
     >>> parse_family("model_name: x\\nkind: chat\\n", "x.yaml")
     Traceback (most recent call last):
     ...
-    xinf_llama_vision.schema.SpecError: x.yaml: kind: Input tag 'chat' found using 'kind' does not match any of the expected tags: 'base', 'instruct'
+    xinf_llama_vision.errors.SpecError: x.yaml: kind: Input tag 'chat' found using 'kind' does not match any of the expected tags: 'base', 'instruct'
     """
     try:
         data = yaml.safe_load(text)

@@ -7,25 +7,21 @@ reason (gated, wrong id, no network).
 
 Xinference has no hook between "the engine class was chosen" and "the engine instance is
 created", and the download happens right there (``create_llm_model_instance`` →
-``LLMCacheManager.cache()``), in the worker process. So :func:`install` wraps
-``LLMCacheManager.cache`` in every Xinference process the extension is loaded in (the worker
-included), for our families only: a failure is re-raised as :class:`WeightsUnavailable` whose
-message names the cause and the fix, chained to the original exception. Other models' downloads
-are untouched. :func:`explain` is the pure mapping from an exception to that message.
+``LLMCacheManager.cache()``), in the worker process. So registration wraps
+``LLMCacheManager.cache`` (:mod:`.compat.xinference_download`) in every Xinference process the
+extension is loaded in (the worker included), for our families only: a failure is re-raised as
+:class:`~.errors.WeightsUnavailable` whose message names the cause and the fix, chained to the
+original exception. Other models' downloads are untouched. :func:`explain` is the pure mapping
+from an exception to that message.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 #: Where users go to accept Meta's license (the hub page of the repository).
 HF_PAGE = "https://huggingface.co/{repo}"
-
-
-class WeightsUnavailable(RuntimeError):
-    """The weights of one of our models could not be downloaded; the message says what to do."""
 
 
 def _chain(error: BaseException, depth: int = 16) -> Iterator[BaseException]:
@@ -120,46 +116,3 @@ def explain(error: BaseException, model_name: str, repo_id: Optional[str], hub: 
         f"{where}: {_cause_text(cause)}. If the repository is gated for you, accept the license on {page} and "
         f"{token}; {local}."
     )
-
-
-_original = None
-
-
-def install(ours: Callable[[Any], bool]) -> None:
-    """Wrap ``LLMCacheManager.cache`` in this process (idempotent), for the families ``ours(family)`` accepts."""
-    global _original
-    from xinference.model.llm.cache_manager import LLMCacheManager
-
-    if _original is not None or getattr(LLMCacheManager.cache, "_xlv", False):
-        return
-    original = LLMCacheManager.cache
-
-    @functools.wraps(original)
-    def cache(self):
-        try:
-            return original(self)
-        except WeightsUnavailable:
-            raise
-        except Exception as e:
-            if getattr(self, "_model_uri", None) is not None or getattr(self, "_use_draft_model", False):
-                raise
-            if not ours(self._llm_family):
-                raise
-            raise WeightsUnavailable(
-                explain(e, self._model_name, getattr(self, "_model_id", None), getattr(self, "_model_hub", None))
-            ) from e
-
-    cache._xlv = True
-    LLMCacheManager.cache = cache
-    _original = original
-
-
-def uninstall() -> None:
-    """Undo :func:`install`."""
-    global _original
-    if _original is None:
-        return
-    from xinference.model.llm.cache_manager import LLMCacheManager
-
-    LLMCacheManager.cache = _original
-    _original = None

@@ -127,7 +127,7 @@ def test_penalties_reach_vllm(server, flat, penalty):
 def flat(server, uid, vllm_launch, tmp_path_factory):
     """``(uid, Raw)`` of a second model on a flatter-logit checkpoint (the first one stopped: one at a time)."""
     from oracle import Reference
-    from xinf_llama_vision.tiny import build
+    from tiny import build
 
     server.cli("terminate", "--model-uid", uid, check=False)
     path = build(str(tmp_path_factory.mktemp("flat-mllama")), head_scale=6.0)

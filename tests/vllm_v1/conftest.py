@@ -6,6 +6,8 @@ The main run does not collect this directory; here every test must run: a skip f
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vllm_stage import pytest_sessionfinish, require_line, vllm_launch  # noqa: F401 - the stage's hook and fixture
@@ -17,7 +19,9 @@ def pytest_sessionstart(session):
 
     kernels = vllm_kernels(cpu_flags())
     print(f"vLLM V1 stage: vLLM's {kernels} kernels on this CPU" + (
-        "; tensor parallelism not tested on them (it failed in vLLM, docs/vllm.md)" if kernels == "_C_AVX2" else ""))
+        "; tensor parallelism not tested on them (it failed in vLLM, docs/vllm.md)" if kernels == "_C_AVX2" else
+        "" if os.environ.get("XLV_TEST_FORCED_AVX2") == "1" else
+        "; the AVX2 kernels on demand (XLV_TEST_FORCED_AVX2=1, tests/vllm_v1/test_fidelity_v1_llm.py)"))
 
 
 @pytest.fixture(scope="session")

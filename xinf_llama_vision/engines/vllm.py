@@ -6,9 +6,9 @@ The classes fill in the hooks of Xinference's own vLLM classes (``VLLMMultiModel
 stay Xinference's. What is ours:
 
 * **Prompts and images** come from the same code as the Transformers engine
-  (:func:`~xinf_llama_vision.validation.chat_prompt` and ``completion_prompt`` over
-  :mod:`~xinf_llama_vision.messages`, :func:`~xinf_llama_vision.images.load_images`, the launch
-  :class:`~xinf_llama_vision.validation.Policy`); this module only maps them to vLLM's input:
+  (:func:`~xinf_llama_vision.request.chat_request` and ``completion_request`` over
+  :mod:`~xinf_llama_vision.request.messages`, :func:`~xinf_llama_vision.images.load.load_images`, the launch
+  :class:`~xinf_llama_vision.request.Policy`); this module only maps them to vLLM's input:
   ``{"prompt_token_ids": …, "multi_modal_data": {"image": …}}``. The ids are the tokenizer's
   with ``add_special_tokens=False``, exactly what the Transformers engine's processor builds,
   so vLLM's tokenizer never adds a second ``<|begin_of_text|>``.
@@ -34,17 +34,20 @@ from typing import Any, Dict, List, Optional, Tuple
 from packaging.version import InvalidVersion, Version
 from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 
+from ..catalog import ENGINE_ENVS, our_family, serves
+from ..compat import vllm_engine
 from ..compat.vllm_v0_mllama import ONE_IMAGE
 from ..cpu_features import cpu_flags, cpu_name, vllm_cpu_refusal
-from ..image_policy import KNOBS, ImageLimits
+from ..generation import Sampling
 from ..images import load_images
-from ..messages import Prompt
+from ..images.limits import KNOBS, ImageLimits
 from ..parsing import switch
 from ..quantization import NEEDS, method_of, refusal
-from ..registration import ENGINE_ENVS, our_family, serves
+from ..request import chat_request, completion_request, launch_int, launch_policy
+from ..request.messages import Prompt
+from ..request.wire import with_carried
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, VLLM_V1_BELOW, VLLM_V1_MIN, VLLM_V1_VERSIONS, vllm_pins
-from ..validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling, with_carried
-from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, context_length, image_positions,
+from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, checkpoint_sampling, context_length, image_positions,
                      launched, memory_check_wanted, output_room)
 
 logger = logging.getLogger("xinf_llama_vision")
@@ -156,19 +159,6 @@ def family_defaults(llm_family, llm_spec) -> Dict[str, Any]:
     spec = next((s for s in specs if (s.model_format, str(s.model_size_in_billions)) == (fmt, size)),
                 specs[0] if specs else None)
     return spec.vllm.model_dump(exclude_none=True) if spec is not None else {}
-
-
-def checkpoint_sampling(model_path: str) -> Dict[str, Any]:
-    """The sampling defaults of the checkpoint's ``generation_config.json``, as the
-    Transformers engine's ``generate`` applies them to fields a request leaves unset."""
-    try:
-        with open(os.path.join(model_path, "generation_config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if not config.get("do_sample", False):
-        return {"temperature": 0.0}
-    return {k: config[k] for k in ("temperature", "top_p", "top_k") if config.get(k) is not None}
 
 
 def _mm_limit(value: Any) -> Dict[str, int]:
@@ -349,57 +339,21 @@ class _MllamaVLLM:
 
     def wait_for_load(self):
         super().wait_for_load()
-        if self._line == "v0":  # ours (V1) keeps prompts as given itself
-            self._keep_decoder_prompt()
-        self._compact_json()
-
-    def _compact_json(self) -> None:
-        """``response_format`` without optional whitespace, as on the Transformers engine.
-
-        vLLM's xgrammar backend lets a JSON answer pad itself with whitespace unless a request's
-        ``GuidedDecodingParams.disable_any_whitespace`` is set, which Xinference's vLLM classes
-        never set (nor pass on from the engine's ``guided_decoding_disable_any_whitespace``, which
-        V0 does not copy into requests): a model could emit newlines until ``max_tokens`` runs out.
-        """
-        engine = self._engine
-        generate = engine.generate
-
-        def compact(prompt, sampling_params, *args, **kwargs):
-            guided = getattr(sampling_params, "guided_decoding", None)
-            if guided is not None and hasattr(guided, "disable_any_whitespace"):
-                guided.disable_any_whitespace = True
-            return generate(prompt, sampling_params, *args, **kwargs)
-
-        engine.generate = compact
-
-    def _keep_decoder_prompt(self) -> None:
-        """Stop vLLM from putting ``<|begin_of_text|>`` before a prompt that opens with images.
-
-        vLLM's encoder-decoder input path prepends the decoder start token (BOS) to every
-        decoder prompt that does not start with it; Meta's base-model format puts the BOS
-        *after* leading ``<|image|>`` tokens, and every prompt we hand over is already
-        complete. So on this engine's own preprocessor, prompts are kept as given.
-        """
-        preprocessor = getattr(getattr(self._engine, "engine", None), "input_preprocessor", None)
-        original = getattr(preprocessor, "_prepare_decoder_input_ids_for_generation", None)
-        if original is None:  # every V0 engine from 0.6.3 to 0.10.2 has it: refuse rather than serve wrong ids
+        if self._line == "v0" and not vllm_engine.keep_decoder_prompt(self._engine):  # ours (V1) keeps them itself
             raise RuntimeError(
                 f"vLLM engine {type(self._engine).__name__} has no V0 input preprocessor to keep prompts as "
                 f"given (prompts opening with an image would get a second <|begin_of_text|>); {REQUIREMENT}"
             )
-
-        def keep(decoder_input_ids):
-            return list(decoder_input_ids) if decoder_input_ids else original(decoder_input_ids)
-
-        preprocessor._prepare_decoder_input_ids_for_generation = keep
+        vllm_engine.compact_json(self._engine)
 
     # -- one request ------------------------------------------------------------------
-    def request_config(self, config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-        """Validate the sampling fields as the Transformers engine does; add ``n``, stop ids and the
-        checkpoint's sampling defaults for fields the request leaves unset."""
-        config = with_carried(config or {})  # n and a completion's response_format: past Xinference's REST layer
-        sampling = request_sampling(config, self._policy)
+    def request_config(self, config: Dict[str, Any], sampling: Sampling) -> Dict[str, Any]:
+        """The request's config for vLLM: ``n``, stop ids, and the checkpoint's sampling defaults for
+        fields the request leaves unset (``sampling``: the request's, checked)."""
+        config = with_carried(config)  # n and a completion's response_format: past Xinference's REST layer
         config["n"] = sampling.n
+        if sampling.top_k == 0:  # no top-k, in the words every vLLM line takes
+            config["top_k"] = -1
         config["stop_token_ids"] = list(dict.fromkeys(self._stop_ids + list(sampling.stop_token_ids)))
         if sampling.stop:
             config["stop"] = list(sampling.stop)
@@ -426,9 +380,9 @@ class _MllamaVLLM:
     async def completion_inputs(self, prompt: Any, generate_config: Optional[Dict]) -> Tuple[Dict, Dict]:
         """A raw completion request → (vLLM input, request config)."""
         config = dict(generate_config or {})
-        prompt = completion_prompt(prompt, config, self._policy)
-        config = self.request_config(config)
-        return await self.vllm_inputs(prompt, config), config
+        request = completion_request(prompt, config, self._policy)
+        config = self.request_config(config, request.sampling)
+        return await self.vllm_inputs(request.prompt, config), config
 
     async def async_generate(self, prompt, generate_config=None, tools=False, request_id=None):
         if not isinstance(prompt, str):  # our chat's input, from async_chat
@@ -453,10 +407,10 @@ class MllamaVLLMChatModel(_MllamaVLLM, VLLMMultiModel):
 
     async def _prepare_chat_inputs(self, messages: List[Dict], generate_config: Optional[Dict]):
         config = dict(generate_config or {})
-        prompt, tools = chat_prompt(messages, config, self._policy)
+        request = chat_request(messages, config, self._policy)
         config.pop("tools", None)
-        config = self.request_config(config)
-        return await self.vllm_inputs(prompt, config), tools, {}, config
+        config = self.request_config(config, request.sampling)
+        return await self.vllm_inputs(request.prompt, config), request.tools, {}, config
 
 
 class MllamaVLLMGenerateModel(_MllamaVLLM, VLLMModel):

@@ -33,7 +33,9 @@ def register() -> None:
         patch()
     if version < Version(VLLM_V1_MIN):
         return
-    _declare_encoder_decoder()
+    from ..compat.vllm_v1_mllama_config import declare_encoder_decoder
+
+    declare_encoder_decoder()
     ModelRegistry.register_model(ARCHITECTURE, MODEL)
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
@@ -58,26 +60,3 @@ class _Eager:
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         return None
-
-
-def _declare_encoder_decoder() -> None:
-    """Make Mllama configs say ``is_encoder_decoder`` in vLLM's processes.
-
-    vLLM V1 takes its encoder-decoder path (encoder inputs, the cross-attention KV cache) only for
-    configs that say so, and transformers' ``MllamaConfig`` does not (transformers runs Mllama as a
-    decoder with cross-attention). Without this, every launch would need
-    ``hf_overrides={"is_encoder_decoder": true}``. Only vLLM loads this plugin, so transformers
-    elsewhere is untouched.
-    """
-    from transformers import MllamaConfig
-
-    if getattr(MllamaConfig.__init__, "_encoder_decoder", False):
-        return
-    original = MllamaConfig.__init__
-
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.is_encoder_decoder = True
-
-    __init__._encoder_decoder = True
-    MllamaConfig.__init__ = __init__

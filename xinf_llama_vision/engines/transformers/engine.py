@@ -16,18 +16,20 @@ import asyncio
 import importlib.util
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
+from packaging.version import Version
 from xinference.model.llm.transformers.core import PytorchChatModel, PytorchModel
 
+from ...catalog import serves
 from ...compat.transformers_mllama import meta_mllama
-from ...generation import Detokenizer, Sampling, StopText
-from ...grammar import Grammars
-from ...image_policy import ImageLimits
-from ...images import load_images
-from ...messages import Prompt
+from ...generation import Detokenizer, Sampling, StopText, TokenBytes
+from ...images import ImageLimits, load_images
 from ...quantization import FORMATS, ON_LOAD, bnb_options, method_of, refusal
-from ...registration import serves
-from ...validation import chat_prompt, completion_prompt, launch_int, launch_policy, request_sampling
-from ..common import answer_or_refusal, check_memory, context_length, launched, memory_check_wanted, output_room
+from ...request import CheckedRequest, chat_request, completion_request, launch_int, launch_policy
+from ...request.grammar import Grammars
+from ...request.messages import Prompt
+from ...schema import TRANSFORMERS_VERSIONS
+from ..common import (answer_or_refusal, check_memory, checkpoint_sampling, context_length, launched, memory_check_wanted,
+                      output_room)
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
 from .scheduler import Logprob, Scheduler, Sequence
@@ -68,14 +70,19 @@ class _Mllama:
         self.model_family = launched(self.model_family, self._policy)
         self._scheduler: Optional[Scheduler] = None
         self._grammars: Optional[Grammars] = None
+        self._token_bytes: Optional[TokenBytes] = None
+        self._default_top_k = checkpoint_sampling(self.model_path).get("top_k", 0)
         self._requests: Dict[str, List[Sequence]] = {}  # request id → its rows, for abort_request
 
     @classmethod
     def check_lib(cls):
         try:
-            from transformers import MllamaForConditionalGeneration  # noqa: F401
+            import transformers
         except ImportError:
-            return False, "transformers with Mllama support (>= 4.45.0) is not installed"
+            return False, f"transformers{TRANSFORMERS_VERSIONS} is not installed"
+        if Version(transformers.__version__) not in TRANSFORMERS_VERSIONS:
+            return False, (f"Llama 3.2 Vision on the Transformers engine needs transformers{TRANSFORMERS_VERSIONS}, "
+                           f"not {transformers.__version__}: pip install 'transformers{TRANSFORMERS_VERSIONS}'")
         return True
 
     @classmethod
@@ -109,7 +116,7 @@ class _Mllama:
             check_memory(self.model_path, method_of(fmt, self.quantization),
                          [method_of(fmt, q) for q in FORMATS[fmt]],
                          min(self._policy.context_length, MEMORY_CHECK_CONTEXT),
-                         dtype_bytes=4 if str(dtype).endswith("float32") else 2)
+                         dtype_bytes=4 if str(dtype).endswith("float32") else 2, context_option="--context_length")
         super().load()
         # Set, ``_batch_scheduler`` tells Xinference that this model batches: it then hands each
         # request's id to chat/generate (``generate_config["request_id"]``) and calls
@@ -145,7 +152,6 @@ class _Mllama:
 
     def _load_model(self, **kwargs):
         import transformers
-        from packaging.version import Version
         from transformers import AutoProcessor, MllamaForConditionalGeneration
 
         kwargs.pop("trust_remote_code", None)  # Mllama is built into transformers
@@ -181,8 +187,8 @@ class _Mllama:
         if not sampling.greedy:
             if sampling.top_p is not None:
                 kwargs["top_p"] = sampling.top_p
-            if sampling.top_k is not None:
-                kwargs["top_k"] = sampling.top_k
+            # Unset: the checkpoint's top_k, else none (transformers 4.x would add its own 50).
+            kwargs["top_k"] = sampling.top_k if sampling.top_k is not None else self._default_top_k
         if sampling.repetition_penalty is not None:
             kwargs["repetition_penalty"] = sampling.repetition_penalty
         if sampling.presence_penalty or sampling.frequency_penalty:
@@ -197,10 +203,10 @@ class _Mllama:
             self._grammars = Grammars(self._tokenizer, self._model.config.text_config.vocab_size, self._stop_ids)
         return self._grammars.processor(response_format)
 
-    async def _submit(self, prompt: Prompt, config: Dict[str, Any]) -> Tuple[Sampling, int, List[Sequence]]:
-        """Validate, load images, and hand the request's choices to the scheduler (one sequence each)."""
-        sampling = request_sampling(config, self._policy)
-        inputs = await asyncio.to_thread(self._inputs, prompt)
+    async def _submit(self, request: CheckedRequest, config: Dict[str, Any]) -> Tuple[Sampling, int, List[Sequence]]:
+        """Load the images, and hand the request's choices to the scheduler (one sequence each)."""
+        sampling = request.sampling
+        inputs = await asyncio.to_thread(self._inputs, request.prompt)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs = self._generate_kwargs(sampling, prompt_tokens)
         loop = asyncio.get_running_loop()
@@ -222,8 +228,13 @@ class _Mllama:
         return sampling, prompt_tokens, seqs
 
     def _entry(self, token: int, logprob: Logprob) -> Entry:
-        decode = self._tokenizer.decode
-        return decode([token]), logprob[0], [(decode([alt]), value) for alt, value in logprob[1]]
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self._tokenizer)
+
+        def piece(i: int):
+            return self._tokenizer.decode([i]), self._token_bytes(i)
+
+        return piece(token), logprob[0], [(piece(alt), value) for alt, value in logprob[1]]
 
     async def _text(self, seq: Sequence, sampling: Sampling):
         """One choice's text as it comes: ``(new_text, tokens_so_far, finish_reason, logprob entries)``."""
@@ -255,9 +266,9 @@ class _Mllama:
         finally:
             await tokens.aclose()  # leaves the batch if the answer ended early (stop string, hang-up)
 
-    async def _complete(self, prompt: Prompt, config: Dict[str, Any], chat: bool):
+    async def _complete(self, request: CheckedRequest, config: Dict[str, Any], chat: bool):
         """The answer: a (chat) completion dict, or an async iterator of its chunks when streaming."""
-        sampling, prompt_tokens, seqs = await self._submit(prompt, config)
+        sampling, prompt_tokens, seqs = await self._submit(request, config)
         events = interleave([self._text(seq, sampling) for seq in seqs])
         if sampling.stream:
             return self._stream(Chunks(self.model_uid, chat, prompt_tokens), sampling, events)
@@ -292,7 +303,7 @@ class _Mllama:
         return await answer_or_refusal(self._generate(prompt, config), bool(config.get("stream")))
 
     async def _generate(self, prompt: str, config: Dict[str, Any]):
-        return await self._complete(completion_prompt(prompt, config, self._policy), config, chat=False)
+        return await self._complete(completion_request(prompt, config, self._policy), config, chat=False)
 
 
 async def interleave(streams: List[AsyncIterator]) -> AsyncIterator[Tuple[int, Any]]:
@@ -345,11 +356,11 @@ class MllamaChatModel(_Mllama, PytorchChatModel):
         return await answer_or_refusal(self._chat(messages, config), bool(config.get("stream")))
 
     async def _chat(self, messages: List[Dict], config: Dict[str, Any]):
-        prompt, tools = chat_prompt(messages, config, self._policy)
-        if tools:  # never streamed, one choice (both refused up front): parse the answer for a tool call
-            result = await self._complete(prompt, config, chat=False)
-            return self._post_process_completion(self.model_family, self.model_uid, result, tools)
-        return await self._complete(prompt, config, chat=True)
+        request = chat_request(messages, config, self._policy)
+        if request.tools:  # never streamed, one choice (both refused up front): parse the answer for a tool call
+            result = await self._complete(request, config, chat=False)
+            return self._post_process_completion(self.model_family, self.model_uid, result, request.tools)
+        return await self._complete(request, config, chat=True)
 
 
 class MllamaGenerateModel(_Mllama, PytorchModel):

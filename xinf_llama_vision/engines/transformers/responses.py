@@ -12,8 +12,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-#: One token's logprob entry: its text, its logprob, and the alternatives ``[(text, logprob)]``.
-Entry = Tuple[str, float, List[Tuple[str, float]]]
+#: A token as logprobs show it: its text and its own bytes.
+Piece = Tuple[str, bytes]
+#: One token's logprob entry: the token, its logprob, and the alternatives ``[(token, logprob)]``.
+Entry = Tuple[Piece, float, List[Tuple[Piece, float]]]
 
 
 @dataclass
@@ -36,34 +38,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Dict[str, int]:
 
 
 def completion_logprobs(entries: Optional[List[Entry]], offset: int = 0) -> Optional[Dict[str, Any]]:
-    """The legacy completions shape: parallel lists, alternatives as ``{text: logprob}``.
+    """The legacy completion shape: ``{tokens, token_logprobs, top_logprobs, text_offset}``.
 
-    >>> completion_logprobs([("Hi", -0.1, [("Hi", -0.1), ("Yo", -2.5)]), ("!", -0.5, [])])
+    >>> completion_logprobs([(("Hi", b"Hi"), -0.1, [(("Hi", b"Hi"), -0.1), (("Yo", b"Yo"), -2.5)]), (("!", b"!"), -0.5, [])])
     {'tokens': ['Hi', '!'], 'token_logprobs': [-0.1, -0.5], 'top_logprobs': [{'Hi': -0.1, 'Yo': -2.5}, {}], 'text_offset': [0, 2]}
     """
     if entries is None:
         return None
     offsets, at = [], offset
-    for text, _, _ in entries:
+    for (text, _), _, _ in entries:
         offsets.append(at)
         at += len(text)
-    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
-            "top_logprobs": [dict(e[2]) for e in entries], "text_offset": offsets}
+    return {"tokens": [e[0][0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [{text: value for (text, _), value in e[2]} for e in entries], "text_offset": offsets}
 
 
 def chat_logprobs(entries: Optional[List[Entry]]) -> Optional[Dict[str, Any]]:
-    """The chat shape: ``{"content": [{token, logprob, bytes, top_logprobs}]}``.
+    """The chat shape: ``{"content": [{token, logprob, bytes, top_logprobs}]}``; ``bytes`` are the token's
+    own, also where it holds only part of a character (its text alone is then U+FFFD).
 
-    >>> chat_logprobs([("é", -0.25, [("é", -0.25)])])["content"][0]
-    {'token': 'é', 'logprob': -0.25, 'bytes': [195, 169], 'top_logprobs': [{'token': 'é', 'logprob': -0.25, 'bytes': [195, 169]}]}
+    >>> chat_logprobs([(("\ufffd", b"\xf0\x9f"), -0.25, [(("\ufffd", b"\xf0\x9f"), -0.25)])])["content"][0]
+    {'token': '\ufffd', 'logprob': -0.25, 'bytes': [240, 159], 'top_logprobs': [{'token': '\ufffd', 'logprob': -0.25, 'bytes': [240, 159]}]}
     """
     if entries is None:
         return None
 
-    def one(text: str, logprob: float) -> Dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    def one(piece: Piece, logprob: float) -> Dict[str, Any]:
+        return {"token": piece[0], "logprob": logprob, "bytes": list(piece[1])}
 
-    return {"content": [{**one(text, lp), "top_logprobs": [one(t, l) for t, l in top]} for text, lp, top in entries]}
+    return {"content": [{**one(piece, lp), "top_logprobs": [one(p, l) for p, l in top]} for piece, lp, top in entries]}
 
 
 def completion(model: str, choices: List[Choice], prompt_tokens: int) -> Dict[str, Any]:

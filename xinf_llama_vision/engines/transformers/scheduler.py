@@ -27,6 +27,8 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
 
 import torch
 
+from ...compat.transformers_generation import sampler
+from ...errors import RequestLeft
 from .batch import DecodeBatch, image_keys_mask, prefill, prefill_key
 
 #: Under Xinference's logger, so these lines reach the server's log with its own (model process: INFO).
@@ -40,26 +42,6 @@ Logprob = Tuple[float, List[Tuple[int, float]]]
 #: What :meth:`Sequence.events` yields: a generated token id, on the last one why it ended, and
 #: its logprob when the request asked for them.
 Event = Tuple[int, Optional[str], Optional[Logprob]]
-
-
-def sampler(model, generate_kwargs: Dict[str, Any], prompt_ids: torch.Tensor):
-    """``(logits processors, do_sample)`` exactly as ``model.generate(**generate_kwargs)`` would
-    build them for this prompt (the checkpoint's ``generation_config`` filling what is unset; the
-    request's own processors, ``logits_processor``, where ``generate`` puts them)."""
-    from transformers import LogitsProcessorList
-
-    options = {k: v for k, v in generate_kwargs.items() if k != "logits_processor"}
-    config, _ = model._prepare_generation_config(None, **options)
-    processors = model._get_logits_processor(
-        generation_config=config,
-        input_ids_seq_length=prompt_ids.shape[-1],
-        encoder_input_ids=prompt_ids,
-        prefix_allowed_tokens_fn=None,
-        logits_processor=LogitsProcessorList(generate_kwargs.get("logits_processor") or []),
-        device=str(prompt_ids.device),
-        model_kwargs={},
-    )
-    return processors, bool(config.do_sample)
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,10 +70,6 @@ def _logprob(logprobs: torch.Tensor, token: int, top: int) -> Logprob:
         values, ids = torch.topk(logprobs, top)
         alternatives = [(int(i), float(v)) for v, i in zip(values, ids)]
     return float(logprobs[token]), alternatives
-
-
-class RequestLeft(RuntimeError):
-    """What a caller still reading a cancelled sequence gets (Xinference's abort of a request)."""
 
 
 @dataclass(eq=False)

@@ -1,18 +1,19 @@
 """The one image loader every engine uses: image sources → validated bytes → RGB PIL images.
 
-It runs in the model process, under the model's :class:`~.image_policy.ImageLimits` (the
+It runs in the model process, under the model's :class:`~.limits.ImageLimits` (the
 worker's settings). Accepted sources:
 
-* ``data:`` URIs with a base64 payload (:func:`~.image_policy.decode_data_uri`);
+* ``data:`` URIs with a base64 payload (:func:`~.sources.decode_data_uri`);
 * ``http://`` and ``https://`` URLs whose host is a public address, or one the operator
-  allow-listed, fetched by :func:`~.image_fetch.fetch` (urllib3, pinned to the checked
+  allow-listed, fetched by :func:`~.fetch.fetch` (urllib3, pinned to the checked
   addresses, every redirect hop checked again);
 * ``file://`` URLs and paths, only when the operator allowed one directory, and only for regular
-  files whose resolved path (symlinks followed) stays inside it (:func:`~.image_policy.read_local`).
+  files whose resolved path (symlinks followed) stays inside it (:func:`~.sources.read_local`).
 
 Everything else is refused. The bytes must be a PNG, JPEG (MPO), GIF, WebP or BMP image that
-Pillow decodes completely (:func:`~.image_policy.decode`); animated images give their first frame.
-Nothing is written to disk. The rules are :mod:`.image_policy`'s, the network :mod:`.image_fetch`'s.
+Pillow decodes completely (:func:`~.decode.decode`); animated images give their first frame.
+Nothing is written to disk. The settings are :mod:`.limits`', the addresses :mod:`.addresses`', the
+network :mod:`.fetch`'s.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
-from .errors import ImageError
-from .image_fetch import fetch
-from .image_policy import ImageLimits, decode, decode_data_uri, describe, read_local
+from ..errors import ImageError
+from .decode import decode
+from .fetch import fetch
+from .limits import ImageLimits
+from .naming import describe
+from .sources import decode_data_uri, read_local
 
 
 def _scheme(source: str) -> str:

@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any, Dict, List, Optional
 
-from .errors import RequestError
+from ..errors import RequestError
 
 INSTALL = "pip install xgrammar (response_format needs it)"
 

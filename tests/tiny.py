@@ -19,7 +19,7 @@ A random model's answers are noise, so the demo serves one *taught* (:func:`teac
 of Adam on the CPU) to name three pictures (:data:`DEMO`): asked "What shape and colour is in this
 image?" about a red circle, it answers "A red circle.".
 
-    python -m xinf_llama_vision.tiny OUT_DIR [--taught]
+    python tests/tiny.py OUT_DIR [--taught]
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def teach(checkpoint: str, out_dir: str, examples, max_steps: int = 300) -> str:
     import torch
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-    from .compat.transformers_mllama import meta_mllama
+    from xinf_llama_vision.compat.transformers_mllama import meta_mllama
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = MllamaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).train()
@@ -252,7 +252,7 @@ def build_taught(out_dir: str, messages=demo_messages, pictures=DEMO) -> str:
     as ``messages(image_url)`` asks (default: the demo's question after the image, every picture of :data:`DEMO`)."""
     import tempfile
 
-    from .messages import build_chat_prompt
+    from xinf_llama_vision.request.messages import build_chat_prompt
 
     prompt = build_chat_prompt(messages("the picture")).text
     examples = [(prompt, [picture(shape, rgb)], f"A {colour} {shape}.<|eot_id|>") for shape, colour, rgb in pictures]

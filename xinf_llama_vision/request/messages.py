@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import RequestError
+from ..errors import RequestError
 
 BOS = "<|begin_of_text|>"
 IMAGE = "<|image|>"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Tuple
 
-from .errors import RequestError
+from ..errors import RequestError
 
 CHAT, COMPLETIONS = "chat", "completions"
 BOTH = (CHAT, COMPLETIONS)
@@ -46,7 +46,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max_tokens", BOTH, "honoured; unset: all the context leaves", SAME),
     Option("max_completion_tokens", (CHAT,), "honoured (as `max_tokens`)", SAME),
     Option("temperature", BOTH, "honoured; unset: the checkpoint's `generation_config.json`", SAME),
-    Option("top_p", BOTH, "honoured; unset: the checkpoint's", SAME),
+    Option("top_p", BOTH, "honoured, above 0 and at most 1; unset: the checkpoint's, else 1", SAME),
     Option("stop", BOTH, "honoured; the stop string is not in the answer", SAME),
     Option("stream", BOTH, "honoured", SAME),
     Option("stream_options", BOTH, "`include_usage` honoured", SAME),
@@ -58,7 +58,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("presence_penalty", BOTH, "honoured, OpenAI's definition, over the generated tokens", "vLLM's (OpenAI's definition)"),
     Option("frequency_penalty", BOTH, "honoured, OpenAI's definition, over the generated tokens", "vLLM's (OpenAI's definition)"),
     Option("logprobs", BOTH, "honoured: log-softmax of the model's logits (before any sampling option); "
-           "chat: `true`, completions: a count", "vLLM's logprobs"),
+           "chat: `true`, completions: a count; a chat entry's `bytes` are the token's own (also part of a "
+           "character)", "vLLM's logprobs; `bytes` from each token's text (U+FFFD for part of a character)"),
     Option("top_logprobs", (CHAT,), "honoured, at most 20", "honoured, at most 20"),
     Option("response_format", BOTH, "`json_object` and `json_schema` by constrained decoding (xgrammar); "
            "`text` is the default", "vLLM's guided decoding (xgrammar)"),
@@ -96,7 +97,8 @@ OPTIONS: Tuple[Option, ...] = (
 #: Parameters that are not OpenAI's but that these engines take (Xinference's and vLLM's names).
 EXTENSIONS: Tuple[Option, ...] = (
     Option("images", BOTH, "image URLs for a completion's `<|image|>` (or a chat's `image` parts)", SAME),
-    Option("top_k", BOTH, "honoured", SAME),
+    Option("top_k", BOTH, "honoured; unset or 0: no top-k (unless the checkpoint's `generation_config.json` "
+                          "sets one for unset); -1: Xinference's schema refuses it", SAME),
     Option("repetition_penalty", BOTH, "honoured: transformers' multiplicative penalty (1 is none)",
            "vLLM's (1 is none)"),
     Option("stop_token_ids", BOTH, "honoured", SAME),

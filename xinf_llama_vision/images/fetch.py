@@ -2,7 +2,7 @@
 done by urllib3 (as Xinference's own media loader does it).
 
 Each hop (the URL, then each redirect) is resolved once and every address checked
-(:func:`~.image_policy.checked_addresses`); urllib3 then connects to a checked *address*, never
+(:func:`~.addresses.checked_addresses`); urllib3 then connects to a checked *address*, never
 to a name: the pool's host is the address, the ``Host`` header, TLS SNI and the certificate check
 use the URL's host name (``server_hostname`` / ``assert_hostname``), so DNS rebinding cannot slip
 a private address in between. urllib3 follows no redirect (``redirect=False``) and retries nothing:
@@ -30,8 +30,10 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionErro
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.ssl_match_hostname import CertificateError
 
-from .errors import ImageError
-from .image_policy import ImageLimits, checked_addresses, describe, hint
+from ..errors import ImageError
+from .addresses import checked_addresses
+from .limits import ImageLimits, hint
+from .naming import describe
 
 #: Redirect statuses that are followed (each hop re-checked).
 REDIRECTS = (301, 302, 303, 307, 308)

@@ -1,0 +1,12 @@
+"""Images: sources → checked bytes → decoded RGB pictures, under the operator's limits.
+
+One module a job: :mod:`.limits` (the settings and their knobs), :mod:`.naming` (how a source is
+named in messages), :mod:`.sources` (``data:`` URIs, local files), :mod:`.addresses` (which hosts
+may be fetched from), :mod:`.fetch` (the network, urllib3), :mod:`.decode` (Pillow) and
+:mod:`.load`, the loader every engine calls.
+"""
+
+from .limits import ImageLimits
+from .load import load_image, load_images
+
+__all__ = ["ImageLimits", "load_image", "load_images"]
