@@ -57,8 +57,9 @@ def chat_logprobs(entries: Optional[List[Entry]]) -> Optional[Dict[str, Any]]:
     """The chat shape: ``{"content": [{token, logprob, bytes, top_logprobs}]}``; ``bytes`` are the token's
     own, also where it holds only part of a character (its text alone is then U+FFFD).
 
-    >>> chat_logprobs([(("\ufffd", b"\xf0\x9f"), -0.25, [(("\ufffd", b"\xf0\x9f"), -0.25)])])["content"][0]
-    {'token': '\ufffd', 'logprob': -0.25, 'bytes': [240, 159], 'top_logprobs': [{'token': '\ufffd', 'logprob': -0.25, 'bytes': [240, 159]}]}
+    >>> part = ("\\ufffd", bytes([240, 159]))  # the first half of an emoji's UTF-8
+    >>> chat_logprobs([(part, -0.25, [(part, -0.25)])])["content"][0]
+    {'token': '\\ufffd', 'logprob': -0.25, 'bytes': [240, 159], 'top_logprobs': [{'token': '\\ufffd', 'logprob': -0.25, 'bytes': [240, 159]}]}
     """
     if entries is None:
         return None
