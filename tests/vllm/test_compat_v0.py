@@ -3,7 +3,7 @@ each test fails when the installed vLLM changes under the patch."""
 
 import inspect
 
-from vllm.engine.async_llm_engine import AsyncLLMEngine
+from vllm.engine.async_llm_engine import _AsyncLLMEngine  # V0's engine (the public name follows VLLM_USE_V1)
 from vllm.inputs.preprocess import InputPreprocessor
 from vllm.sampling_params import GuidedDecodingParams, SamplingParams
 
@@ -14,7 +14,7 @@ def test_the_v0_preprocessor_still_adds_the_decoder_start_token_in_the_method_we
     assert list(inspect.signature(InputPreprocessor._prepare_decoder_input_ids_for_generation).parameters) == [
         "self", "decoder_input_ids"]
     assert "_prepare_decoder_input_ids_for_generation" in inspect.getsource(InputPreprocessor)
-    assert "engine" in inspect.getsource(AsyncLLMEngine.get_input_preprocessor)
+    assert "self.input_preprocessor" in inspect.getsource(_AsyncLLMEngine)  # what keep_decoder_prompt reaches
 
 
 def test_keep_decoder_prompt_keeps_a_prompt_and_leaves_an_empty_one_to_vllm():
