@@ -205,18 +205,20 @@ class Raw:
     def chat(self, messages, images, max_new_tokens, **kw):
         return self.run(self.render(messages), images, max_new_tokens, **kw)
 
-    def grammar(self, response_format):
-        """xgrammar's own transformers processor, compiled here from the request's format."""
+    def grammar(self, response_format, separators=None):
+        """xgrammar's own transformers processor, compiled here from the request's format (a schema
+        without optional whitespace; ``separators``: as vLLM V1 compiles it, ``(",", ":")``)."""
         import xgrammar as xgr
         from xgrammar.contrib.hf import LogitsProcessor as XgrProcessor
 
         info = xgr.TokenizerInfo.from_huggingface(self.ref.tokenizer, vocab_size=self.ref.model.config.text_config.vocab_size,
                                                   stop_token_ids=self.stop_ids)
         compiler = xgr.GrammarCompiler(info)
-        if response_format["type"] == "json_object":
-            return XgrProcessor(compiler.compile_builtin_json_grammar())
-        schema = json.dumps(response_format["json_schema"]["schema"])
-        return XgrProcessor(compiler.compile_json_schema(schema, any_whitespace=False))
+        if response_format["type"] == "json_object":  # OpenAI's JSON mode: an object (vLLM's reading)
+            schema = json.dumps({"type": "object"})
+        else:
+            schema = json.dumps(response_format["json_schema"]["schema"])
+        return XgrProcessor(compiler.compile_json_schema(schema, any_whitespace=False, separators=separators))
 
 
 class OpenAIFormula(LogitsProcessor):

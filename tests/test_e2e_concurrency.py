@@ -6,6 +6,7 @@ abandoned answers leave the batch; memory does not grow from one round to the ne
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -98,6 +99,42 @@ def test_a_client_that_hangs_up_before_a_whole_answer_leaves_the_batch(server, o
     found = left_after(server, before)
     assert len(found) == before + 1 and found[-1][1] == "the client went away" and int(found[-1][0]) < 2000
     assert run(server, one_row, "text only", expected["text only"].options)[1] == expected["text only"].text
+
+
+def test_a_queued_stream_starts_at_once_and_is_kept_alive(server, one_row):
+    """With the one row busy for a while (two long answers ahead in the queue), a stream waits: its
+    headers and first chunk (the role, no text) come at once, and keep-alive comments come at least
+    every 15 seconds (Xinference's default is 600) until its tokens do: a proxy with a minute's idle
+    timeout keeps it."""
+    import threading
+
+    import httpx
+
+    from xinf_llama_vision.api.guard import KEEPALIVE_SECONDS
+
+    messages, _, _ = CASES["hang-up"]
+    busy = [threading.Thread(target=lambda: server.post("/v1/chat/completions", {
+        "model": one_row, "messages": messages, "max_tokens": 3000, "temperature": 0}, timeout=600)) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+        time.sleep(1)
+    body = {"model": one_row, "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True}
+    start, lines = time.time(), []
+    with httpx.stream("POST", server.endpoint + "/v1/chat/completions", json=body, timeout=600) as response:
+        headers_after = time.time() - start
+        for line in response.iter_lines():
+            lines.append((time.time() - start, line))
+    for thread in busy:
+        thread.join()
+    data = [(t, line) for t, line in lines if line.startswith("data: ")]
+    first = json.loads(data[0][1][6:])["choices"][0]["delta"]
+    assert response.status_code == 200 and headers_after < 10 and data[0][0] < 10, (headers_after, data[:2])
+    assert first == {"role": "assistant", "content": ""}
+    waited = [t for t, line in lines if line.startswith(":")]
+    second = data[1][0]  # the first token's chunk: after the busy request left the row
+    assert second > KEEPALIVE_SECONDS + 3 and waited, f"the busy requests ended too soon to test the keep-alive: {second}"
+    marks = [0.0] + [t for t in waited if t < second] + [second]
+    assert max(b - a for a, b in zip(marks, marks[1:])) < KEEPALIVE_SECONDS + 5, marks
 
 
 def test_an_abort_by_request_id_ends_the_stream(server, one_row, expected):

@@ -349,6 +349,37 @@ def test_a_body_over_the_read_limit_is_a_413(server, allow_chat):
     assert status == 200, answer
 
 
+def test_a_body_over_the_limit_is_refused_before_it_is_all_read(server, allow_chat):
+    """The client sends the first MAX_BODY_BYTES + 1 bytes of a body of a GiB more (``model`` after
+    ``messages``, as OpenAI's clients order it) and stops: the 413 comes back while the rest is unsent.
+    (Exactly that many bytes: the server has read all of them when it answers and closes.)"""
+    import socket
+    from urllib.parse import urlparse
+
+    from xinf_llama_vision.api import MAX_BODY_BYTES
+
+    head = json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": allow_chat})[:-1] + ', "x": "'
+    sent = head.encode() + b"A" * (MAX_BODY_BYTES + 1 - len(head))
+    url = urlparse(server.endpoint)
+    with socket.create_connection((url.hostname, url.port), timeout=120) as sock:
+        request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.hostname}\r\ncontent-type: application/json\r\n"
+                   f"content-length: {len(sent) + 2**30}\r\n")
+        if server.api_key:
+            request += f"authorization: Bearer {server.api_key}\r\n"
+        sock.sendall((request + "\r\n").encode() + sent)
+        answer = b""
+        while b"more than 64 MiB" not in answer:  # the answer, as it comes (the server closes after it)
+            part = sock.recv(65536)
+            if not part:
+                break
+            answer += part
+        answer = answer.decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413"), answer[:500]
+    assert "request body: more than 64 MiB" in answer
+    status, reply = server.post("/v1/chat/completions", chat_body(allow_chat, data_uri(RED)))
+    assert status == 200, reply
+
+
 # -- many requests at once -------------------------------------------------------------------
 
 

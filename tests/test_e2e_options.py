@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from oracle import OpenAIFormula, Raw, data_uri, png
+from sampled_logprobs import check_constrained_logprobs, check_partial_character_bytes, check_sampled_logprobs
 from xinf_llama_vision.request.options import CHAT, COMPLETIONS, EXTENSIONS, OPTIONS
 
 RED = png((220, 30, 30))
@@ -139,6 +140,18 @@ def test_completion_logprobs_in_the_legacy_shape(server, base_uid, raw):
         assert math.isclose(value, float(expected[token]), abs_tol=1e-4)
         assert len(top) <= 2 and math.isclose(max(top.values()), float(expected.max()), abs_tol=1e-4)
     assert logprobs["text_offset"][0] == 0
+
+
+def test_sampled_logprobs_are_the_models_own(server, chat_uid, raw):
+    check_sampled_logprobs(server.post, chat_uid, raw, IMAGE_CHAT, [RED], tol=1e-4)
+
+
+def test_logprobs_with_a_format_are_over_what_it_allows(server, chat_uid, raw):
+    check_constrained_logprobs(server.post, chat_uid, raw, IMAGE_CHAT, [RED], JSON_SCHEMA, tol=1e-4)
+
+
+def test_logprob_bytes_are_each_tokens_own_in_a_served_answer(server, chat_uid, raw):
+    check_partial_character_bytes(server.post, chat_uid, raw.ref.tokenizer)
 
 
 def test_no_logprobs_unless_asked(server, chat_uid):

@@ -7,6 +7,18 @@ from __future__ import annotations
 import pytest
 
 
+def sent_by_compact_json(params):
+    """The sampling params an engine wrapped by ``compat/vllm_engine.compact_json`` hands vLLM for ``params``."""
+    from xinf_llama_vision.compat import vllm_engine
+
+    seen = []
+    engine = type("Engine", (), {"generate": lambda self, prompt, sampling_params, *a, **k: seen.append(sampling_params)})()
+    engine.generate = engine.generate.__get__(engine)
+    vllm_engine.compact_json(engine)
+    engine.generate("p", params)
+    return seen[0]
+
+
 def require_line(line: str, what: str) -> None:
     """Refuse to run a stage beside the wrong vLLM (``line``: :func:`~xinf_llama_vision.engines.vllm.mllama_line`)."""
     import importlib.metadata

@@ -245,6 +245,13 @@ def options_block() -> str:
     return table()
 
 
+def guide_options_block() -> str:
+    """The request parameters the engines honour, with what each means on each (:mod:`.options`)."""
+    from .request.options import table
+
+    return table(honoured_only=True)
+
+
 def knobs_block() -> str:
     """Every image setting: launch option, environment variables, default (:data:`.images.limits.KNOBS`)."""
     from .images.limits import knobs_table
@@ -260,7 +267,7 @@ BLOCKS: Dict[str, Dict[str, Callable[[], str]]] = {
     "api.md": {"options": options_block},
     "security.md": {"knobs": knobs_block},
     "quantization.md": {"variants": quantization_block},
-    "guide.md": {"launch": guide_launch_block, "launch-options": launch_options_block},
+    "guide.md": {"launch": guide_launch_block, "launch-options": launch_options_block, "options": guide_options_block},
 }
 
 

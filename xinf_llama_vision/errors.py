@@ -30,5 +30,16 @@ class DoesNotFit(RuntimeError):
     """A launch that would run out of GPU memory; the message says what would fit."""
 
 
+class RequestFailed(RuntimeError):
+    """One request failed inside the engine (out of memory, a bug): the message says where, that the
+    server's log has the details and that no other request was affected (HTTP 500, or a stream's error
+    event; the exception's own text stays in the log, as Xinference keeps worker text from clients)."""
+
+    def __init__(self, where: str, error: BaseException, alone: bool = True):
+        others = ", and no other request was affected" if alone else ""
+        super().__init__(f"this request failed {where} ({type(error).__name__}); the server's log has the "
+                         f"details{others}: send it again")
+
+
 class RequestLeft(RuntimeError):
     """What a caller still reading a cancelled sequence gets (Xinference's abort of a request)."""

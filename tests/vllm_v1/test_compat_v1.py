@@ -25,3 +25,28 @@ def test_without_the_patch_vllm_sees_no_encoder_decoder():
 
 def test_with_it_vllm_does_and_the_patch_is_idempotent():
     assert child(PATCH) == "True True"
+
+
+def test_requests_carry_structured_outputs_with_the_whitespace_switch():
+    """vLLM >= 0.11 (this stage's 0.32) passes ``response_format`` as ``structured_outputs``: the compact-JSON
+    switch of ``compat/vllm_engine.py`` must reach it there."""
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+    from vllm_stage import sent_by_compact_json
+
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True))
+    assert params.structured_outputs.disable_any_whitespace is False
+    assert sent_by_compact_json(params).structured_outputs.disable_any_whitespace is True
+
+
+def test_the_xgrammar_backend_reads_the_engines_whitespace_switch():
+    """Why our V1 launches set ``structured_outputs_config`` (``compat/vllm_engine.py``): vLLM 0.32's
+    xgrammar backend takes ``disable_any_whitespace`` from the engine's config; the day it reads a request's
+    own, the launch setting may go."""
+    import inspect
+
+    from vllm.v1.structured_output import backend_xgrammar
+
+    source = inspect.getsource(backend_xgrammar)
+    assert "structured_outputs_config.disable_any_whitespace" in source
+    assert "params.disable_any_whitespace" not in source and "structured_outputs.disable_any_whitespace" not in source

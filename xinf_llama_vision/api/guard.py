@@ -18,7 +18,9 @@ import time
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
+from ..compat.xinference_api import keep_alive
 from ..errors import RequestError
 from ..request import CHECKS, Policy, json_object
 from ..request.wire import POLICY_KEY
@@ -29,10 +31,20 @@ logger = logging.getLogger("xinf_llama_vision")
 
 #: Chat and completion bodies for our models larger than this are refused (413).
 MAX_BODY_BYTES = 64 * 1024 * 1024
+TOO_LARGE = (f"request body: more than {MAX_BODY_BYTES // 2**20} MiB, the most this server reads; send images "
+             "as http(s) URLs or smaller images, and less text")
+#: The longest a stream of ours stays silent: a keep-alive comment at least this often (a proxy with an
+#: idle timeout would cut a queued stream under Xinference's 600-second default).
+KEEPALIVE_SECONDS = 15
 #: How long the API process trusts what it learned about a model UID (ours, with this policy, or not).
 POLICY_SECONDS = 5.0
 
 NESTED = "request body: JSON nested too deeply to read; send a flatter body"
+#: Bodies larger than this are parsed in a worker thread, not on the API process's event loop.
+PARSE_INLINE_BYTES = 1 << 20
+#: A body's ``model`` field wherever it is (OpenAI's clients send ``messages`` first), for a body
+#: over the limit: only its first bytes are read.
+_ANY_MODEL_FIELD = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 _MODEL_FIELD = re.compile(rb'^\s*\{\s*"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
@@ -64,6 +76,32 @@ def request_model(raw: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[str], 
     return data, model if isinstance(model, str) and model else None, problem
 
 
+async def read_body(request, limit: int) -> Tuple[bytes, Optional[Any]]:
+    """``(body, None)``, or, for a body over ``limit`` bytes, ``(its first bytes, the rest's stream)``:
+    the rest is read only if the request turns out not to be for one of our models."""
+    stream = request.stream()
+    parts, size = [], 0
+    async for chunk in stream:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(parts), stream
+    return b"".join(parts), None
+
+
+def named_model(head: bytes) -> Optional[str]:
+    """The UID the first ``"model"`` field in ``head`` names (the start of a body too large to read).
+
+    >>> named_model(b'{"messages": [{"role": "user", "content": "hi"}], "model": "m1", "x": "')
+    'm1'
+    """
+    found = _ANY_MODEL_FIELD.search(head)
+    try:
+        return json.loads(found.group(1)) if found else None
+    except ValueError:
+        return None
+
+
 class Guard:
     """The checks the wrapped chat and completion endpoints run for our models (see the module's docstring)."""
 
@@ -73,22 +111,25 @@ class Guard:
 
     async def request(self, path: str, endpoint, args, kwargs):
         """A chat or completion request, after Xinference's authentication and permission."""
-        from starlette.requests import Request
-
         request = kwargs["request"]
-        raw = await request.body()  # Starlette keeps it: the endpoint reads the same bytes
-        data, model, problem = request_model(raw)
+        raw, rest = await read_body(request, MAX_BODY_BYTES)
+        if rest is not None:  # too large: refused unread if it is for one of ours, else read on
+            model = await asyncio.to_thread(named_model, raw)
+            if model and await self.policy(model) is not None:
+                self.check_access(request, model)
+                return error_response(413, TOO_LARGE)
+            raw += b"".join([chunk async for chunk in rest])
+        # The endpoint reads the same bytes (the stream is read; the client's next message is its hang-up).
+        kwargs["request"] = Request(request.scope, replay(raw, request.receive))
+        parse = asyncio.to_thread(request_model, raw) if len(raw) > PARSE_INLINE_BYTES else None
+        data, model, problem = await parse if parse else request_model(raw)
         policy = await self.policy(model) if model else None
         if policy is None:
             return await endpoint(*args, **kwargs)  # not ours: exactly as without the plugin
-        api = getattr(request.app.state, "api", None)
-        check_access = getattr(api, "_check_model_access", None)
-        if check_access is not None:  # the key's model scope: Xinference's 403 before we read more
-            check_access(request, model, "LLM")
+        self.check_access(request, model)
         try:
             if len(raw) > MAX_BODY_BYTES:
-                return error_response(413, f"request body: more than {MAX_BODY_BYTES // 2**20} MiB, the most this "
-                                           "server reads; send images as http(s) URLs or smaller images, and less text")
+                return error_response(413, TOO_LARGE)
             if problem:
                 raise RequestError(problem)
             json_object(data)
@@ -113,7 +154,16 @@ class Guard:
                 raise
             logger.info("refused a request: %s", refusal)
             return error_response(400, refusal)
+        keep_alive(response, KEEPALIVE_SECONDS)
         return watch(response, policy)
+
+    @staticmethod
+    def check_access(request, model: str) -> None:
+        """The key's model scope: Xinference's 403, before we read more."""
+        api = getattr(request.app.state, "api", None)
+        check = getattr(api, "_check_model_access", None)
+        if check is not None:
+            check(request, model, "LLM")
 
     async def policy(self, model_uid: str) -> Optional[Policy]:
         """The policy of a running model of ours, ``None`` for any other (or unknown) model; what the

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 from starlette.responses import Response
 
 from ..compat.xinference_api import wrap_send
-from ..request.wire import REFUSAL_KEY
+from ..request.wire import FAILURE_KEY, REFUSAL_KEY
 from ..request import Policy
 from .asgi import respond
 
@@ -140,7 +140,9 @@ class Refusal:
     What only the model process can check (the images, which it fetches and decodes; whether the
     tokenized prompt fits the context) comes back as an answer, or a stream's first event, that
     carries :data:`~xinf_llama_vision.request.wire.REFUSAL_KEY`; vLLM's own context check as
-    Xinference's 400, or a stream's first event with the error. Each becomes our 400. The start
+    Xinference's 400, or a stream's first event with the error. Each becomes our 400. A request
+    that failed in the engine comes back under :data:`~xinf_llama_vision.request.wire.FAILURE_KEY`
+    and becomes a 500 with the engine's message (Xinference would say only that it failed). The start
     of every other answer is only held until its body (or a stream's first event) has come.
     """
 
@@ -171,12 +173,17 @@ class Refusal:
             if message.get("more_body"):
                 return
             payload = None
-            # A whole answer (200) hides a refusal only under REFUSAL_KEY: other answers are not parsed.
-            if self.start["status"] != 200 or REFUSAL_KEY.encode() in body:
+            # A whole answer (200) hides a refusal or a failure only under its key: other answers are not parsed.
+            if self.start["status"] != 200 or REFUSAL_KEY.encode() in body or FAILURE_KEY.encode() in body:
                 try:
                     payload = json.loads(body)
                 except ValueError:
                     pass
+        failure = payload.get(FAILURE_KEY) if isinstance(payload, dict) else None
+        if isinstance(failure, str):  # one request failed in the engine: a 500 that says so
+            self.done = True
+            kept = [(k, v) for k, v in self.start.get("headers") or [] if k.lower() == b"x-request-id"]
+            return await respond(self.send, 500, error_body(failure, 500), kept)
         refusal = refusal_in(payload, self.policy)
         if refusal:
             self.done = True

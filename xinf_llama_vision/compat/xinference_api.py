@@ -14,6 +14,9 @@ this API process, never on Xinference's classes:
   (``ModelRequestLoggingRoute``) tells streams from whole answers by the answer's type and hooks its
   logging and disconnect handling onto that object, so the answer stays the same object; only its
   ``__class__`` becomes a subclass of the same name that wraps ``send``.
+* :func:`keep_alive`: a stream's keep-alive interval. Xinference's streams are sse-starlette's
+  ``EventSourceResponse`` with ``ping`` = ``XINFERENCE_SSE_PING_ATTEMPTS_SECONDS`` (600 s by default);
+  its ``ping_interval`` setter changes one answer's interval before it starts.
 """
 
 from __future__ import annotations
@@ -52,3 +55,11 @@ def wrap_send(response, wrap):
     response.__class__ = _WATCHED[cls]
     response._xlv_wrap = wrap
     return response
+
+
+def keep_alive(response, seconds: float) -> None:
+    """Keep-alive comments on ``response`` (a stream) at least every ``seconds``; an interval already
+    shorter, or 0 (the operator turned them off), stays."""
+    current = getattr(response, "ping_interval", None)
+    if isinstance(current, (int, float)) and current > seconds:
+        response.ping_interval = seconds

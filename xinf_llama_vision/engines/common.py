@@ -15,21 +15,21 @@ try:  # Xinference >= 4.1 answers this with a 400
 except ImportError:  # pragma: no cover - Xinference 4.0
     ContextLengthExceeded = ValueError
 
-from ..errors import RequestError
+from ..errors import RequestError, RequestFailed
 from ..memory import Architecture, check_fit, estimate
 from ..parsing import switch
 from ..request import Policy, launch_int
-from ..request.wire import POLICY_KEY, REFUSAL_KEY
+from ..request.wire import FAILURE_KEY, POLICY_KEY, REFUSAL_KEY
 
 
 async def answer_or_refusal(answer: Awaitable[Any], stream: bool) -> Any:
     """``answer``; a :class:`RequestError` becomes ``{REFUSAL_KEY: message}`` (the first and only
     chunk of a stream), which the API guard answers with a 400 (Xinference would hide the message
-    behind a 500)."""
+    behind a 500); a :class:`RequestFailed`, ``{FAILURE_KEY: message}``, the guard's 500 with it."""
     try:
         return await answer
-    except RequestError as e:
-        refusal: Dict[str, str] = {REFUSAL_KEY: str(e)}
+    except (RequestError, RequestFailed) as e:
+        refusal: Dict[str, str] = {REFUSAL_KEY if isinstance(e, RequestError) else FAILURE_KEY: str(e)}
         if not stream:
             return refusal
 

@@ -35,10 +35,10 @@ from packaging.version import InvalidVersion, Version
 from xinference.model.llm.vllm.core import VLLMModel, VLLMMultiModel
 
 from ..catalog import ENGINE_ENVS, our_family, serves
-from ..compat import vllm_engine
+from ..compat import vllm_engine, vllm_v0_sampler
 from ..compat.vllm_v0_mllama import ONE_IMAGE
 from ..cpu_features import cpu_flags, cpu_name, vllm_cpu_refusal
-from ..generation import Sampling
+from ..generation import Sampling, TokenBytes
 from ..images import load_images
 from ..images.limits import KNOBS, ImageLimits
 from ..parsing import switch
@@ -47,6 +47,7 @@ from ..request import chat_request, completion_request, launch_int, launch_polic
 from ..request.messages import Prompt
 from ..request.wire import with_carried
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, VLLM_V1_BELOW, VLLM_V1_MIN, VLLM_V1_VERSIONS, vllm_pins
+from . import vllm_logprobs
 from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, checkpoint_sampling, context_length, image_positions,
                      launched, memory_check_wanted, output_room)
 
@@ -264,6 +265,14 @@ class _MllamaVLLM:
                 config[name] = launch_int(name, config[name])
         if self._line == "v1":
             self._encoder_budget(config)
+            # Logprobs mean the model's own distribution on every engine (docs/api.md): V1's default, kept.
+            mode = config.setdefault("logprobs_mode", "raw_logprobs")
+            if mode != "raw_logprobs":
+                raise ValueError(f"launch option logprobs_mode {mode!r}: Llama 3.2 Vision's engines all report the "
+                                 "model's own logprobs (raw_logprobs, docs/api.md); leave it out")
+        elif "logprobs_mode" in config:
+            raise ValueError("launch option logprobs_mode: vLLM's V0 engine has none; logprobs are the model's "
+                             "own on every engine (docs/api.md), leave it out")
         if config.get("gpu_memory_utilization") is not None:
             config["gpu_memory_utilization"] = _fraction("gpu_memory_utilization", config["gpu_memory_utilization"])
         if "enforce_eager" in config:
@@ -301,7 +310,11 @@ class _MllamaVLLM:
         return min(value, longest) if value and longest else value
 
     def _sanitize_model_config(self, model_config):
-        return super()._sanitize_model_config(self.launch_config(model_config))
+        config = super()._sanitize_model_config(self.launch_config(model_config))
+        if self._line == "v1":
+            config["structured_outputs_config"] = vllm_engine.compact_structured_outputs(
+                config.get("structured_outputs_config"))
+        return config
 
     # -- loading ----------------------------------------------------------------------
     def prepare_requests(self) -> None:
@@ -310,7 +323,12 @@ class _MllamaVLLM:
         from transformers import AutoTokenizer
 
         self._hf_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._token_bytes = TokenBytes(self._hf_tokenizer)
         self._stop_ids = [self._hf_tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
+
+    def _piece(self, token: int) -> Tuple[str, bytes]:
+        """A token as chat logprobs show it on every engine: its text alone and its own bytes."""
+        return self._hf_tokenizer.decode([token]), self._token_bytes(token)
 
     def load(self):
         # vLLM's own Mllama runs on its V0 engine only (vLLM >= 0.8 defaults to V1 where it can). Unset,
@@ -344,6 +362,10 @@ class _MllamaVLLM:
                 f"vLLM engine {type(self._engine).__name__} has no V0 input preprocessor to keep prompts as "
                 f"given (prompts opening with an image would get a second <|begin_of_text|>); {REQUIREMENT}"
             )
+        if self._line == "v0" and not vllm_v0_sampler.model_logprobs(self._engine):
+            raise RuntimeError(
+                f"vLLM engine {type(self._engine).__name__} has no V0 sampler where the plugin looks for it, to "
+                f"report the model's own logprobs as every engine does (docs/api.md); {REQUIREMENT}")
         vllm_engine.compact_json(self._engine)
 
     # -- one request ------------------------------------------------------------------
@@ -393,7 +415,34 @@ class _MllamaVLLM:
     async def _completion(self, prompt: str, generate_config: Optional[Dict], request_id: Optional[str]):
         """A raw completion request (both families)."""
         inputs, config = await self.completion_inputs(prompt, generate_config)
-        return await super().async_generate(inputs, config, False, request_id=request_id)
+        answer = await super().async_generate(inputs, config, False, request_id=request_id)
+        return vllm_logprobs.drop_entries(answer) if isinstance(answer, dict) else vllm_logprobs.drop_stream_entries(answer)
+
+    # -- Xinference's conversion hooks: chat logprobs from the token ids (engines/vllm_logprobs.py) -------
+    def _convert_request_output_to_completion_chunk(self, request_id, model, request_output, include_stop_sequence=False):
+        chunk, finish = super()._convert_request_output_to_completion_chunk(
+            request_id, model, request_output, include_stop_sequence)
+        vllm_logprobs.keep_entries(chunk, request_output, self._piece)
+        return chunk, finish
+
+    def _convert_request_output_to_completion(self, request_id, model, request_output, include_stop_sequence=False):
+        completion = super()._convert_request_output_to_completion(request_id, model, request_output, include_stop_sequence)
+        vllm_logprobs.keep_entries(completion, request_output, self._piece)
+        return completion
+
+    def _slice_logprobs(self, logprobs, start):
+        return vllm_logprobs.slice_entries(super()._slice_logprobs(logprobs, start), logprobs, start)
+
+    def _to_chat_completion(self, completion, reasoning_parser=None):
+        chat = super()._to_chat_completion(completion, reasoning_parser)
+        vllm_logprobs.chat_entries(completion.get("choices") or [], chat.get("choices") or [])
+        return chat
+
+    @classmethod
+    def _to_chat_completion_chunk(cls, chunk, reasoning_parser=None, previous_texts=None, ensure_role=False):
+        chat = super()._to_chat_completion_chunk(chunk, reasoning_parser, previous_texts, ensure_role)
+        vllm_logprobs.chat_entries(chunk.get("choices") or [], chat.get("choices") or [])
+        return chat
 
 
 class MllamaVLLMChatModel(_MllamaVLLM, VLLMMultiModel):

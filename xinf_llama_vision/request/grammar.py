@@ -7,6 +7,7 @@ comparison with lm-format-enforcer and outlines is in ``docs/api.md``.
 
 Schemas are compiled without optional whitespace (``any_whitespace=False``): a model may then
 not pad its JSON with newlines until ``max_tokens`` runs out, which small and random models do.
+``json_object`` is the schema :data:`JSON_OBJECT` (any object), as vLLM compiles it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import re
 from typing import Any, Dict, List, Optional
 
 from ..errors import RequestError
+
+#: ``{"type": "json_object"}``'s schema: any JSON object (vLLM's reading of OpenAI's JSON mode).
+JSON_OBJECT = {"type": "object"}
 
 INSTALL = "pip install xgrammar (response_format needs it)"
 
@@ -66,18 +70,16 @@ class Grammars:
         self._compiler = xgr.GrammarCompiler(info)
         self._compile = functools.lru_cache(maxsize=64)(self._compile_text)
 
-    def _compile_text(self, schema: Optional[str]):
-        if schema is None:
-            return self._compiler.compile_builtin_json_grammar()
+    def _compile_text(self, schema: str):
         return self._compiler.compile_json_schema(schema, any_whitespace=False)
 
     def processor(self, response_format: Dict[str, Any]):
         """A fresh logits processor for one sequence (it keeps that sequence's grammar state)."""
         from xgrammar.contrib.hf import LogitsProcessor
 
-        schema = response_format.get("schema")
+        schema = response_format.get("schema") or JSON_OBJECT  # json_object: any object, as vLLM reads it
         try:
-            compiled = self._compile(None if schema is None else json.dumps(schema, sort_keys=True))
+            compiled = self._compile(json.dumps(schema, sort_keys=True))
         except Exception as e:
             raise _refusal(e) from None
         return LogitsProcessor(compiled)

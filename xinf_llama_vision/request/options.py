@@ -57,12 +57,16 @@ OPTIONS: Tuple[Option, ...] = (
            "vLLM's per-request seed"),
     Option("presence_penalty", BOTH, "honoured, OpenAI's definition, over the generated tokens", "vLLM's (OpenAI's definition)"),
     Option("frequency_penalty", BOTH, "honoured, OpenAI's definition, over the generated tokens", "vLLM's (OpenAI's definition)"),
-    Option("logprobs", BOTH, "honoured: log-softmax of the model's logits (before any sampling option); "
-           "chat: `true`, completions: a count; a chat entry's `bytes` are the token's own (also part of a "
-           "character)", "vLLM's logprobs; `bytes` from each token's text (U+FFFD for part of a character)"),
-    Option("top_logprobs", (CHAT,), "honoured, at most 20", "honoured, at most 20"),
-    Option("response_format", BOTH, "`json_object` and `json_schema` by constrained decoding (xgrammar); "
-           "`text` is the default", "vLLM's guided decoding (xgrammar)"),
+    Option("logprobs", BOTH, "honoured: the model's own distribution, the same under sampling "
+           "(docs/api.md, \"Logprobs\"); chat: `true`, completions: a count; a chat entry's `bytes` are the token's "
+           "own (also part of a character)",
+           "as Transformers (V0: the plugin hands vLLM's sampler the model's logprobs; V1: vLLM's "
+           "`raw_logprobs`); `bytes` from the token ids, as on Transformers"),
+    Option("top_logprobs", (CHAT,), "honoured, at most 20; a token the format forbids reads -9999.0", SAME),
+    Option("response_format", BOTH, "`json_object` (any object) and `json_schema` by constrained decoding "
+           "(xgrammar), no optional whitespace; `text` is the default",
+           "vLLM's structured outputs (xgrammar), no optional whitespace (V0: per request; V1: the launch's "
+           "`structured_outputs_config`, which the plugin sets)"),
     Option("tools", (CHAT,), "honoured: Meta's tool-call format; one call per answer; not with `stream`", SAME),
     Option("tool_choice", (CHAT,), "`auto` only", SAME,
            (lambda v: v not in (None, "auto"), 'only "auto": Llama 3.2 Vision decides itself whether to call a tool; '
@@ -125,10 +129,13 @@ def check_options(body: Mapping[str, Any], endpoint: str) -> None:
                 raise RequestError(f"{option.name}: {why}")
 
 
-def table() -> str:
-    """``docs/api.md``'s table: every parameter, where it applies and what each engine does."""
+def table(honoured_only: bool = False) -> str:
+    """``docs/api.md``'s table: every parameter, where it applies and what each engine does (the user
+    guide's: the parameters honoured, ``honoured_only``)."""
     rows = ["| parameter | endpoints | Transformers engine | vLLM engine |", "|---|---|---|---|"]
     for option in OPTIONS + EXTENSIONS:
+        if honoured_only and (option.refused or option.transformers == NO_EFFECT):
+            continue
         where = " and ".join(option.endpoints)
         extension = "" if option in OPTIONS else " (extension)"
         cells = (option.transformers, option.vllm)

@@ -7,7 +7,8 @@ one place, and how a checked body carries what Xinference's REST layer would dro
   travel inside ``chat_template_kwargs`` under :data:`IMAGES`, and the options it drops (``n``
   everywhere, ``response_format`` from completions) under :data:`CARRIED`.
 * A refusal found in the model process comes back as the answer ``{REFUSAL_KEY: message}``
-  (``engines.common.answer_or_refusal``), which the API process turns into a 400.
+  (``engines.common.answer_or_refusal``), which the API process turns into a 400; a request that
+  failed in the engine as ``{FAILURE_KEY: message}``, which it turns into a 500 with that message.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ CARRIED = "xinf_llama_vision_options"
 CARRIED_NAMES = ("n", "response_format")
 #: The key of a model's answer that stands for a :class:`~xinf_llama_vision.errors.RequestError`.
 REFUSAL_KEY = "xinf_llama_vision_refusal"
+#: The key of a model's answer that stands for a :class:`~xinf_llama_vision.errors.RequestFailed`.
+FAILURE_KEY = "xinf_llama_vision_failure"
 
 
 def carry_images(body: Dict[str, Any], images: List[str]) -> Dict[str, Any]:

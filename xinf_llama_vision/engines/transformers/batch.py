@@ -176,19 +176,17 @@ class DecodeBatch:
         self.image_keys.append(image_keys)
 
     def remove(self, indexes: Sequence[int]) -> None:
-        """Rows leave; padding no remaining row needs is trimmed."""
+        """Rows leave; padding no remaining row needs is trimmed. All or nothing: if rebuilding the
+        cache fails (out of memory), the batch is as it was."""
         gone, layers = set(indexes), self._layers()
         keep = [i for i in range(len(self)) if i not in gone]
-        self.pads = [self.pads[i] for i in keep]
-        self.lengths = [self.lengths[i] for i in keep]
-        self.image_keys = [self.image_keys[i] for i in keep]
         if not keep:
-            self.cache = None
+            self.cache, self.pads, self.lengths, self.image_keys = None, [], [], []
             return
         index = torch.tensor(keep)
-        trim = min(self.pads)
-        self.pads = [p - trim for p in self.pads]
-        cross = self._cross_width()
+        trim = min(self.pads[i] for i in keep)
+        image_keys = [self.image_keys[i] for i in keep]
+        cross = max((len(m) for m in image_keys if m is not None), default=0)
         for i, kv in enumerate(layers):
             if kv is None:
                 continue
@@ -198,6 +196,9 @@ class DecodeBatch:
             else:
                 layers[i] = (k[:, :, trim:], v[:, :, trim:])
         self.cache = make_cache(layers)
+        self.pads = [self.pads[i] - trim for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
+        self.image_keys = image_keys
 
     @torch.no_grad()
     def step(self, tokens: Sequence[int]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from xinference.model.llm.transformers.core import PytorchChatModel, PytorchMode
 
 from ...catalog import serves
 from ...compat.transformers_mllama import meta_mllama
+from ...errors import RequestError, RequestFailed
 from ...generation import Detokenizer, Sampling, StopText, TokenBytes
 from ...images import ImageLimits, load_images
 from ...quantization import FORMATS, ON_LOAD, bnb_options, method_of, refusal
@@ -30,9 +31,10 @@ from ...request.messages import Prompt
 from ...schema import TRANSFORMERS_VERSIONS
 from ..common import (answer_or_refusal, check_memory, checkpoint_sampling, context_length, launched, memory_check_wanted,
                       output_room)
+from . import faults
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
-from .scheduler import Logprob, Scheduler, Sequence
+from .scheduler import Logprob, Scheduler, Sequence, logger
 
 
 def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
@@ -167,11 +169,24 @@ class _Mllama:
     # -- one request ------------------------------------------------------------------
     def _inputs(self, prompt: Prompt):
         """Load the images and run the processor (in a worker thread: image decoding is slow)."""
-        images = load_images(prompt.images, self._limits, prompt.where)
-        inputs = self._processor(
-            images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
-        )
-        return inputs.to(self._model.device)
+        injected = faults.requested(prompt.text)
+        try:
+            faults.check("images", injected)
+            images = load_images(prompt.images, self._limits, prompt.where)
+        except RequestError:
+            raise  # the client's to fix: a 400 that says how
+        except Exception as error:
+            logger.exception("loading a request's images failed")
+            raise RequestFailed("while loading its images", error) from error
+        try:
+            faults.check("processor", injected)
+            inputs = self._processor(
+                images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
+            )
+            return inputs.to(self._model.device)
+        except Exception as error:
+            logger.exception("the image processor failed on a request")
+            raise RequestFailed("in the image processor", error) from error
 
     def _generate_kwargs(self, sampling: Sampling, prompt_tokens: int) -> Dict[str, Any]:
         """What ``model.generate`` would be called with for this request (one choice, no grammar)."""
@@ -212,13 +227,12 @@ class _Mllama:
         loop = asyncio.get_running_loop()
         seqs = []
         for i in range(sampling.n):
-            choice_kwargs = kwargs
+            grammar = None
             if sampling.response_format:
                 grammar = await asyncio.to_thread(self._grammar, sampling.response_format)
-                choice_kwargs = {**kwargs, "logits_processor": kwargs.get("logits_processor", []) + [grammar]}
             seed = None if sampling.seed is None else sampling.seed + i
-            seqs.append(Sequence.create(self._model, inputs, choice_kwargs, loop, seed=seed,
-                                        top_logprobs=sampling.logprobs))
+            seqs.append(Sequence.create(self._model, inputs, kwargs, loop, seed=seed, top_logprobs=sampling.logprobs,
+                                        constraint=grammar, injected=faults.requested(request.prompt.text)))
         # Rows that ended are forgotten here, so an id no abort came for does not stay.
         self._requests = {key: rows for key, rows in self._requests.items() if any(seq.active for seq in rows)}
         if config.get("request_id") is not None:
@@ -284,6 +298,10 @@ class _Mllama:
     async def _stream(self, chunks: Chunks, sampling: Sampling, events) -> AsyncIterator:
         counts: Dict[int, int] = {}
         try:
+            # Accepted (checked, queued): each choice's first chunk now, with no text (a chat's carries
+            # the role, as OpenAI's first chunk does), so a queued stream starts at once (docs/reliability.md).
+            for index in range(sampling.n):
+                yield chunks.piece(index, "", None, None, 0)
             async for index, (piece, n, finish, entries) in events:
                 counts[index] = n
                 total = sum(counts.values())
@@ -294,6 +312,8 @@ class _Mllama:
                     yield chunks.piece(index, "", finish, None, total)
             if sampling.include_usage:
                 yield chunks.usage(sum(counts.values()))
+        except RequestFailed as error:  # after the first chunk: OpenAI's error event, then the end
+            yield {"error": {"message": str(error), "type": "server_error", "param": None, "code": 500}}
         finally:
             await events.aclose()
 

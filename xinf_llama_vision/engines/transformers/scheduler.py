@@ -23,12 +23,13 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
+from typing import Any, AsyncIterator, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch
 
 from ...compat.transformers_generation import sampler
-from ...errors import RequestLeft
+from ...errors import RequestFailed, RequestLeft
+from . import faults
 from .batch import DecodeBatch, image_keys_mask, prefill, prefill_key
 
 #: Under Xinference's logger, so these lines reach the server's log with its own (model process: INFO).
@@ -63,13 +64,17 @@ def release_memory(model) -> None:
         trim(0)
 
 
+#: The logprob reported for a token the request's format forbids (-inf has no JSON), as OpenAI and vLLM report it.
+IMPOSSIBLE = -9999.0
+
+
 def _logprob(logprobs: torch.Tensor, token: int, top: int) -> Logprob:
     """``token``'s logprob and the ``top`` most likely tokens' (ties: the lower id first)."""
     alternatives: List[Tuple[int, float]] = []
     if top:
         values, ids = torch.topk(logprobs, top)
-        alternatives = [(int(i), float(v)) for v, i in zip(values, ids)]
-    return float(logprobs[token]), alternatives
+        alternatives = [(int(i), max(float(v), IMPOSSIBLE)) for v, i in zip(values, ids)]
+    return max(float(logprobs[token]), IMPOSSIBLE), alternatives
 
 
 @dataclass(eq=False)
@@ -86,6 +91,10 @@ class Sequence:
     generator: Optional[torch.Generator] = None
     #: How many alternatives each token's logprob lists; ``None``: no logprobs.
     top_logprobs: Optional[int] = None
+    #: The request's ``response_format`` as a logits processor (masks what the format forbids); ``None``: free.
+    constraint: Any = None
+    #: Stages where the tests asked this request to fail (:mod:`.faults`; empty outside the tests).
+    faults: FrozenSet[str] = frozenset()
     out: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
     ids: List[int] = field(default_factory=list)  # prompt, then generated
     generated: int = 0
@@ -94,7 +103,8 @@ class Sequence:
 
     @classmethod
     def create(cls, model, inputs, generate_kwargs: Dict[str, Any], loop: asyncio.AbstractEventLoop,
-               seed: Optional[int] = None, top_logprobs: Optional[int] = None) -> "Sequence":
+               seed: Optional[int] = None, top_logprobs: Optional[int] = None, constraint: Any = None,
+               injected: FrozenSet[str] = frozenset()) -> "Sequence":
         """One request for ``model``: its processed ``inputs`` and the ``generate`` options it would run with
         (``max_new_tokens`` and ``eos_token_id`` set); with ``seed``, it samples as ``generate`` does after
         ``torch.manual_seed(seed)``, whatever else runs in the batch."""
@@ -105,7 +115,8 @@ class Sequence:
             generator = torch.Generator(device=model.device).manual_seed(seed % 2**64)
         return cls(inputs=inputs, max_new_tokens=generate_kwargs["max_new_tokens"],
                    stop_ids=set(generate_kwargs["eos_token_id"]), processors=processors, do_sample=do_sample,
-                   loop=loop, generator=generator, top_logprobs=top_logprobs, ids=prompt_ids[0].tolist())
+                   loop=loop, generator=generator, top_logprobs=top_logprobs, constraint=constraint,
+                   faults=injected, ids=prompt_ids[0].tolist())
 
     @property
     def active(self) -> bool:
@@ -126,11 +137,19 @@ class Sequence:
 
     def choose(self, logits: torch.Tensor) -> Optional[str]:
         """Pick the next token from this row's float32 ``logits`` (as ``generate`` does), send it, and
-        return why the sequence ended (``None`` while it goes on)."""
-        logprobs = torch.log_softmax(logits, dim=-1) if self.top_logprobs is not None else None
-        scores = logits[None]  # processors may work in place (the grammar's mask does): logprobs come first
-        if len(self.processors):
-            scores = self.processors(torch.tensor([self.ids], device=logits.device), scores)
+        return why the sequence ended (``None`` while it goes on).
+
+        Logprobs are those of the model's distribution over what the request's format allows: after the
+        constraint's mask, before penalties, temperature, top-k and top-p (docs/api.md, "Logprobs"). The
+        mask only sets forbidden tokens to -inf, so applying it first chooses as ``generate`` does with
+        it last among the processors."""
+        ids = torch.tensor([self.ids], device=logits.device)
+        scores = logits[None]
+        if self.constraint is not None:
+            scores = self.constraint(ids, scores)
+        logprobs = torch.log_softmax(scores[0], dim=-1) if self.top_logprobs is not None else None
+        if len(self.processors):  # they may work in place: the logprobs above are a new tensor
+            scores = self.processors(ids, scores)
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, num_samples=1, generator=self.generator)[0, 0])
@@ -202,10 +221,12 @@ class Scheduler:
                 self._admit()
                 if self._running:
                     self._step()
-            except Exception as error:  # never leave a caller waiting: fail what was running
-                logger.exception("batch step failed")
+            except Exception as error:  # a decode step: its rows shared it, so they end; the queue goes on
+                logger.exception("a decode step failed; the %d requests in it end", len(self._running))
                 for seq in self._running:
-                    seq.fail(error)
+                    if not seq.finished:
+                        seq.fail(RequestFailed(f"in a decode step it shared with {len(self._running) - 1} other "
+                                               "running requests, which ended too", error, alone=False))
                 self._running, self._batch = [], DecodeBatch(self.model)
         for seq in self._waiting + self._running:
             seq.fail(RuntimeError("the model stopped before this request finished"))
@@ -229,7 +250,9 @@ class Scheduler:
             pass
 
     def _admit(self) -> None:
-        """Waiting requests, as many as the batch has room for, prefilled in groups of one image shape."""
+        """Waiting requests, as many as the batch has room for, prefilled in groups of one image shape.
+        A failure ends the request it is about: a group whose prefill fails is prefilled again one
+        request at a time, and a row that cannot join the batch leaves the batch as it was."""
         admitted: List[Sequence] = []
         while self._waiting and len(self._running) + len(admitted) < self.max_num_seqs:
             seq = self._waiting.pop(0)
@@ -240,20 +263,42 @@ class Scheduler:
                 seq.leave()
         groups: Dict[Any, List[Sequence]] = {}
         for seq in admitted:
-            groups.setdefault(prefill_key(seq.inputs), []).append(seq)
-        for group in groups.values():
             try:
-                rows = prefill(self.model, [seq.inputs for seq in group])
-            except Exception as error:
-                logger.exception("prefill failed")
-                for seq in group:
-                    seq.fail(error)
-                continue
-            for seq, (logits, layers, length) in zip(group, rows):
-                if self._choose(seq, logits) is None:
-                    self._batch.add(layers, length, image_keys_mask(self.model, seq.inputs.get("cross_attention_mask")))
-                    self._running.append(seq)
-                seq.inputs = None  # pixel values are in the cache now
+                groups.setdefault(prefill_key(seq.inputs), []).append(seq)
+            except Exception as error:  # taken from the queue: it ends here, in words, or it would wait forever
+                logger.exception("a request's inputs could not be grouped")
+                seq.fail(RequestFailed("preparing its prefill", error))
+        for group in groups.values():
+            for seq, (logits, layers, length) in self._prefill(group):
+                self._join(seq, logits, layers, length)
+
+    def _prefill(self, group: List[Sequence]) -> List[Tuple[Sequence, Any]]:
+        """``[(seq, (logits, cache layers, length))]`` of the group's requests whose prefill succeeded."""
+        try:
+            for seq in group:
+                faults.check("prefill", seq.faults)
+            return list(zip(group, prefill(self.model, [seq.inputs for seq in group])))
+        except Exception as error:
+            if len(group) > 1:
+                logger.warning("a prefill of %d requests failed (%s); each alone now", len(group), error)
+                return [pair for seq in group for pair in self._prefill([seq])]
+            logger.exception("a prefill failed")
+            group[0].inputs = None
+            group[0].fail(RequestFailed("in its prefill", error))
+            return []
+
+    def _join(self, seq: Sequence, logits: torch.Tensor, layers, length: int) -> None:
+        """Its first token, then its row into the batch (:meth:`DecodeBatch.add` changes nothing if it fails)."""
+        try:
+            if self._choose(seq, logits) is None:
+                faults.check("join", seq.faults)
+                self._batch.add(layers, length, image_keys_mask(self.model, seq.inputs.get("cross_attention_mask")))
+                self._running.append(seq)
+        except Exception as error:
+            logger.exception("a request could not join the batch")
+            seq.fail(RequestFailed("joining the running batch", error))
+        finally:
+            seq.inputs = None  # pixel values are in the cache now (or no longer needed)
 
     @staticmethod
     def _choose(seq: Sequence, logits: torch.Tensor) -> Optional[str]:
@@ -266,22 +311,38 @@ class Scheduler:
             return "error"
 
     def _step(self) -> None:
-        gone = [i for i, seq in enumerate(self._running) if seq.cancelled]
-        for i in gone:
-            seq = self._running[i]
-            logger.info("a request left the batch after %d of %d tokens: %s", seq.generated, seq.max_new_tokens,
-                        seq.cancelled)
-            seq.leave()
-        if gone:
-            self._leave(gone)
-            if not self._running:
-                return
+        for seq in self._running:
+            if seq.cancelled and not seq.finished:
+                logger.info("a request left the batch after %d of %d tokens: %s", seq.generated, seq.max_new_tokens,
+                            seq.cancelled)
+                seq.leave()
+        self._drop_ended()
+        if not any(not seq.finished for seq in self._running):
+            return
+        for seq in self._running:
+            if not seq.finished and seq.generated >= 2:
+                faults.check("decode", seq.faults)
         logits = self._batch.step([seq.ids[-1] for seq in self._running])
-        done = [i for i, (seq, row) in enumerate(zip(self._running, logits)) if self._choose(seq, row) is not None]
-        if done:
-            self._leave(done)
+        for seq, row in zip(self._running, logits):
+            if not seq.finished:  # a row that could not leave yet is stepped, and ignored
+                self._choose(seq, row)
+        self._drop_ended()
 
-    def _leave(self, indexes: List[int]) -> None:
-        self._batch.remove(indexes)
-        drop = set(indexes)
+    def _drop_ended(self) -> None:
+        """Rows whose requests ended leave the batch; if rebuilding the cache fails, they stay (ignored)
+        and leave at the next step, and the other rows go on."""
+        ended = [i for i, seq in enumerate(self._running) if seq.finished]
+        if not ended:
+            return
+        try:
+            for i in ended:
+                seq = self._running[i]
+                if "leave" in seq.faults:  # once: the next step's rebuild succeeds
+                    seq.faults = seq.faults - {"leave"}
+                    faults.check("leave", {"leave"})
+            self._batch.remove(ended)
+        except Exception:
+            logger.exception("%d rows could not leave the batch; they stay, ignored, until the next step", len(ended))
+            return
+        drop = set(ended)
         self._running = [seq for i, seq in enumerate(self._running) if i not in drop]
