@@ -77,6 +77,22 @@ def image_positions(model_path: str) -> int:
     return tiles * ((size // patch) ** 2 + 1)
 
 
+def tile_count(height: int, width: int, max_tiles: int, tile_size: int) -> int:
+    """How many tiles Mllama's image processor cuts a ``height`` × ``width`` image into (transformers' own
+    choice of canvas).
+
+    >>> tile_count(48, 64, 4, 560), tile_count(560, 1120, 4, 560), tile_count(1000, 1000, 4, 560)
+    (1, 2, 4)
+    """
+    try:  # transformers >= 5: the module without torchvision; 4.x: the only one
+        from transformers.models.mllama.image_processing_pil_mllama import get_optimal_tiled_canvas
+    except ImportError:
+        from transformers.models.mllama.image_processing_mllama import get_optimal_tiled_canvas
+
+    canvas_height, canvas_width = get_optimal_tiled_canvas(height, width, max_tiles, tile_size)
+    return int(canvas_height // tile_size) * int(canvas_width // tile_size)
+
+
 def context_length(option: str, launch_value: Any, model_path: str, family: LLMFamilyV2) -> int:
     """The context a launched model serves: the launch option, else the checkpoint's, else the family's."""
     if launch_value is not None:

@@ -39,7 +39,8 @@ from ..compat import vllm_engine, vllm_v0_sampler
 from ..compat.vllm_v0_mllama import ONE_IMAGE
 from ..cpu_features import cpu_flags, cpu_name, vllm_cpu_refusal
 from ..generation import Sampling, TokenBytes
-from ..images import load_images
+from ..errors import RequestError
+from ..images import layout, load_images
 from ..images.limits import KNOBS, ImageLimits
 from ..parsing import switch
 from ..quantization import NEEDS, method_of, refusal
@@ -48,7 +49,8 @@ from ..request.messages import Prompt
 from ..request.wire import with_carried
 from ..schema import VLLM_MAX, VLLM_MIN, VLLM_MLLAMA_VERSIONS, VLLM_V1_BELOW, VLLM_V1_MIN, VLLM_V1_VERSIONS, vllm_pins
 from . import vllm_logprobs
-from .common import (answer_or_refusal, check_memory, checkpoint_max_positions, checkpoint_sampling, context_length, image_positions,
+from .common import (answer_or_refusal, check_memory, checkpoint_config, checkpoint_max_positions, checkpoint_sampling,
+                     context_length, image_positions, tile_count,
                      launched, memory_check_wanted, output_room)
 
 logger = logging.getLogger("xinf_llama_vision")
@@ -391,8 +393,29 @@ class _MllamaVLLM:
         inputs: Dict[str, Any] = {"prompt_token_ids": ids, "prompt": prompt.text}
         if prompt.images:
             images = await asyncio.to_thread(load_images, prompt.images, self._limits, prompt.where)
+            if self._line == "v1":
+                self._check_encoder_length(ids, images)
             inputs["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
         return inputs
+
+    def _check_encoder_length(self, ids: List[int], images: List[Any]) -> None:
+        """Our V1 Mllama's encoder input is the real tiles of the images the answer sees (the prompt's
+        last group, :mod:`..images.layout`), and vLLM refuses one longer than ``max_model_len`` in words a
+        client cannot act on (Xinference shows them as a context-length error): refuse it in ours."""
+        vision = checkpoint_config(self.model_path).get("vision_config") or {}
+        max_tiles, size = vision.get("max_num_tiles", 4), vision.get("image_size", 560)
+        per_tile = (size // vision.get("patch_size", 14)) ** 2 + 1
+        image_token = self._hf_tokenizer.convert_tokens_to_ids("<|image|>")
+        decoded = layout.decode_images(ids, image_token)
+        limit = self._policy.context_length
+        if not limit or len(decoded) * max_tiles * per_tile <= limit:
+            return  # fits whatever the tiles
+        tiles = sum(tile_count(images[k].height, images[k].width, max_tiles, size) for k in decoded)
+        if tiles * per_tile > limit:
+            raise RequestError(
+                f"images: the image(s) this answer sees take {tiles * per_tile} encoder positions ({tiles} tiles of "
+                f"{per_tile}), more than this model's max_model_len of {limit}: send fewer or smaller images, or "
+                f"launch the model with --max_model_len {tiles * per_tile} or more")
 
     async def _gen_tokens_prompt(self, tokenizer, prompt, config):
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:

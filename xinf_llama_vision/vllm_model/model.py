@@ -48,7 +48,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaMLP
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from . import layout
+from ..images import layout
 from .processing import FIELDS, MllamaDummyInputsBuilder, MllamaMultiModalProcessor, MllamaProcessingInfo
 
 # ----------------------------------------------------------------------------------------------

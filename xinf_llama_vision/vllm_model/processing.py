@@ -22,7 +22,7 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseProcessingIn
                                         PromptReplacement)
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
-from . import layout
+from ..images import layout
 
 #: The hf-processor keyword that carries the prompt's last image group to the item (and its hash).
 DECODED = "xlv_decode_images"
