@@ -327,6 +327,11 @@ class _MllamaVLLM:
         self._hf_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self._token_bytes = TokenBytes(self._hf_tokenizer)
         self._stop_ids = [self._hf_tokenizer.convert_tokens_to_ids(t) for t in self.model_family.stop or []]
+        self._image_token = self._hf_tokenizer.convert_tokens_to_ids("<|image|>")
+        vision = checkpoint_config(self.model_path).get("vision_config") or {}
+        # Read once, not per request: the encoder positions of one image at most, and how it is tiled.
+        self._image_positions = image_positions(self.model_path)
+        self._tiling = (vision.get("max_num_tiles", 4), vision.get("image_size", 560))
 
     def _piece(self, token: int) -> Tuple[str, bytes]:
         """A token as chat logprobs show it on every engine: its text alone and its own bytes."""
@@ -402,13 +407,11 @@ class _MllamaVLLM:
         """Our V1 Mllama's encoder input is the real tiles of the images the answer sees (the prompt's
         last group, :mod:`..images.layout`), and vLLM refuses one longer than ``max_model_len`` in words a
         client cannot act on (Xinference shows them as a context-length error): refuse it in ours."""
-        vision = checkpoint_config(self.model_path).get("vision_config") or {}
-        max_tiles, size = vision.get("max_num_tiles", 4), vision.get("image_size", 560)
-        per_tile = (size // vision.get("patch_size", 14)) ** 2 + 1
-        image_token = self._hf_tokenizer.convert_tokens_to_ids("<|image|>")
-        decoded = layout.decode_images(ids, image_token)
+        max_tiles, size = self._tiling
+        per_tile = self._image_positions // max_tiles
+        decoded = layout.decode_images(ids, self._image_token)
         limit = self._policy.context_length
-        if not limit or len(decoded) * max_tiles * per_tile <= limit:
+        if not limit or len(decoded) * self._image_positions <= limit:
             return  # fits whatever the tiles
         tiles = sum(tile_count(images[k].height, images[k].width, max_tiles, size) for k in decoded)
         if tiles * per_tile > limit:
