@@ -98,7 +98,7 @@ def test_a_failed_decode_step_ends_the_rows_in_it_and_no_other(server, uid, expe
     before = logged(server, "decode")
     (status, error), others = round_with(server, uid, expected, "decode", stream)
     assert logged(server, "decode") > before
-    assert "this request failed in a decode step it shared with" in error and "(InjectedFault)" in error, (status, error)
+    assert "this request failed in a decode step" in error and "(InjectedFault)" in error, (status, error)
     failed = [r for r in others if r[1] is None]
     for name, _, _, why in failed:
         assert "failed in a decode step it shared with" in why, (name, why)
@@ -113,4 +113,16 @@ def test_a_row_that_cannot_leave_the_batch_costs_no_answer(server, uid, expected
     raw = Raw(reference)
     ids, _ = raw.chat(faulty("leave"), [RED], 12, do_sample=False)
     assert status == 200 and raw.text(ids) in answer, (status, answer)
+    check(others, expected)
+
+
+def test_a_decode_step_out_of_memory_costs_no_answer(server, uid, expected, reference):
+    """The step runs out of memory half-way (``[[fail:oom]]``): it is undone and its newest rows go back
+    to the queue; every answer is whole, the faulty one's too (alone in its step, it would fail in words)."""
+    (status, answer), others = round_with(server, uid, expected, "oom", False)
+    assert "ran out of memory" in server.log.read_text(errors="replace")
+    raw = Raw(reference)
+    ids, _ = raw.chat(faulty("oom"), [RED], 12, do_sample=False)
+    assert (status == 200 and raw.text(ids) in answer) or \
+        (status == 500 and "failed in a decode step (OutOfMemoryError)" in answer), (status, answer)
     check(others, expected)

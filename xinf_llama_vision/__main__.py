@@ -109,9 +109,12 @@ def main(argv=None) -> int:
     est.add_argument("--context-length", type=int, default=8192, help="tokens per sequence (vLLM's max_model_len)")
     est.add_argument("--max-num-seqs", type=int, default=1, help="sequences decoded at once")
     est.add_argument("--images", type=int, default=1, help="images per sequence (each up to 4 tiles)")
+    est.add_argument("--engine", choices=("vllm", "transformers"), default="vllm",
+                     help="the Transformers engine keeps room for its batch's rebuild (docs/reliability.md)")
     args = parser.parse_args(argv)
     if args.command == "estimate":
-        e = estimate(ARCHITECTURES[args.size], args.quantization, args.context_length, args.max_num_seqs, args.images)
+        e = estimate(ARCHITECTURES[args.size], args.quantization, args.context_length, args.max_num_seqs, args.images,
+                     rebuild_room=args.engine == "transformers")
         print(report(args.size, e))
         return 0
     results = checks(args.endpoint, args.api_key)

@@ -147,6 +147,8 @@ def launch_options_block() -> str:
         ("context_length", "Transformers", f"the checkpoint's `max_position_embeddings` ({instruct.context_length})",
          "longest prompt plus answer; longer requests get a 400"),
         ("max_num_seqs", "Transformers", "16 (Xinference's default)", "sequences decoded together by continuous batching"),
+        ("kv_cache_memory", "Transformers", "what the device has left after the weights ([reliability.md](reliability.md))",
+         "memory budget of the running batch's cache (`8GiB`, `512MiB`, bytes): admission, and the context it holds"),
         ("torch_dtype", "Transformers", "bfloat16 on CUDA; Xinference's otherwise (float32 CPU, float16 MPS)", "the weights' dtype"),
         ("quantization_config", "Transformers", "the recipe of [quantization.md](quantization.md)",
          "single bitsandbytes settings for `--quantization 8-bit`/`4-bit`"),

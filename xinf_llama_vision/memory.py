@@ -148,6 +148,43 @@ def parameters(arch: Architecture) -> Dict[str, int]:
     }
 
 
+def kv_bytes_per_token(arch: Architecture, dtype_bytes: int = 2) -> int:
+    """Bytes one text token adds to the cache: K and V of every self-attention layer.
+
+    >>> kv_bytes_per_token(ARCHITECTURES[11])  # 32 self-attention layers x K, V x 8 heads x 128 x bf16
+    131072
+    """
+    self_layers = arch.num_hidden_layers - len(arch.cross_attention_layers)
+    return self_layers * 2 * arch.num_key_value_heads * arch.head_dim * dtype_bytes
+
+
+def image_kv_bytes_per_token(arch: Architecture, dtype_bytes: int = 2) -> int:
+    """Bytes one image token (a patch of a tile, or its class token) holds: K and V of every
+    cross-attention layer."""
+    return len(arch.cross_attention_layers) * 2 * arch.num_key_value_heads * arch.head_dim * dtype_bytes
+
+
+def image_tokens(arch: Architecture, images: int = 1) -> int:
+    """Cross-attention keys of ``images`` images: the processor pads every image to ``max_num_tiles``.
+
+    >>> image_tokens(ARCHITECTURES[11])
+    6404
+    """
+    return images * arch.max_num_tiles * arch.tokens_per_tile
+
+
+def cache_bytes(arch: Architecture, rows: int, width: int, image_width: int = 0, dtype_bytes: int = 2) -> int:
+    """A batch's cache: ``rows`` rows padded to ``width`` text tokens and ``image_width`` image tokens
+    (the Transformers engine pads every row to the longest; vLLM's paged cache holds
+    ``rows x width`` for ``rows`` sequences of ``width`` tokens the same way).
+
+    >>> round(cache_bytes(ARCHITECTURES[11], 1, 131072) / 1e9, 1)  # one sequence at the full context
+    17.2
+    """
+    return rows * (width * kv_bytes_per_token(arch, dtype_bytes)
+                   + image_width * image_kv_bytes_per_token(arch, dtype_bytes))
+
+
 def quantized_rows(arch: Architecture) -> int:
     """Output rows of the quantized layers (per-row scales)."""
     kv = arch.num_key_value_heads * arch.head_dim
@@ -176,9 +213,22 @@ class Estimate:
         }
 
 
+def activation_bytes(arch: Architecture, prefill_tokens: int, images: int, rows: int, dtype_bytes: int = 2) -> int:
+    """Room for one forward pass beside the weights and the cache: a prefill of ``prefill_tokens``
+    through the widest text layers, or the vision tower on ``images`` images (whichever is more; they
+    run one after the other), the float32 logits of ``rows`` rows, and the runtime's reserve."""
+    text = prefill_tokens * (4 * arch.hidden_size + 2 * arch.intermediate_size) * dtype_bytes
+    vision = image_tokens(arch, images) * (4 * arch.vision_hidden_size + 2 * arch.vision_intermediate_size
+                                           + arch.vision_output_dim) * dtype_bytes
+    return max(text, vision) + rows * arch.vocab_size * 4 + RUNTIME_RESERVE
+
+
 def estimate(arch: Architecture, quantization: str = "none", context_length: int = 8192, max_num_seqs: int = 1,
-             images_per_seq: int = 1, dtype_bytes: int = 2, prefill_tokens: int = 8192) -> Estimate:
-    """The memory one launch needs (see the module's docstring for what is counted).
+             images_per_seq: int = 1, dtype_bytes: int = 2, prefill_tokens: int = 8192,
+             rebuild_room: bool = False) -> Estimate:
+    """The memory one launch needs (see the module's docstring for what is counted); ``rebuild_room``:
+    the Transformers engine's, whose batch of two or more rows keeps as much again free for the copy
+    it makes when rows join or leave.
 
     >>> estimate(ARCHITECTURES[11], "bogus")
     Traceback (most recent call last):
@@ -195,21 +245,15 @@ def estimate(arch: Architecture, quantization: str = "none", context_length: int
     else:
         weights = kept * dtype_bytes + math.ceil(groups["quantized"] * method.bytes_per_weight) \
             + quantized_rows(arch) * method.bytes_per_row
-    kv_token = 2 * arch.num_key_value_heads * arch.head_dim * dtype_bytes  # K and V, one layer, one token
-    cross = len(arch.cross_attention_layers)
-    self_layers = arch.num_hidden_layers - cross
-    kv_cache = self_layers * kv_token * context_length * max_num_seqs
-    image_tokens = images_per_seq * arch.max_num_tiles * arch.tokens_per_tile
-    cross_cache = cross * kv_token * image_tokens * max_num_seqs
-    chunk = min(prefill_tokens, context_length)
-    text = chunk * (4 * arch.hidden_size + 2 * arch.intermediate_size) * dtype_bytes
-    vision = image_tokens * (4 * arch.vision_hidden_size + 2 * arch.vision_intermediate_size
-                              + arch.vision_output_dim) * dtype_bytes
-    logits = max_num_seqs * arch.vocab_size * 4
-    activations = max(text, vision) + logits + RUNTIME_RESERVE
+    kv_cache = cache_bytes(arch, max_num_seqs, context_length, 0, dtype_bytes)
+    cross_cache = cache_bytes(arch, max_num_seqs, 0, image_tokens(arch, images_per_seq), dtype_bytes)
+    if rebuild_room and max_num_seqs > 1:  # the Transformers engine's batch rebuilds (engines/transformers/admission.py)
+        kv_cache, cross_cache = 2 * kv_cache, 2 * cross_cache
+    activations = activation_bytes(arch, min(prefill_tokens, context_length), images_per_seq, max_num_seqs,
+                                   dtype_bytes)
     return Estimate(weights, kv_cache, cross_cache, activations, {
         "quantization": quantization, "context_length": context_length, "max_num_seqs": max_num_seqs,
-        "images_per_seq": images_per_seq, "dtype_bytes": dtype_bytes,
+        "images_per_seq": images_per_seq, "dtype_bytes": dtype_bytes, "rebuild_room": rebuild_room,
     })
 
 
@@ -217,7 +261,8 @@ def report(size: int, e: Estimate) -> str:
     """What ``xinf-llama-vision estimate`` prints."""
     lines = [
         f"Llama 3.2 Vision {size}B, quantization {e.inputs['quantization']}, context {e.inputs['context_length']}, "
-        f"{e.inputs['max_num_seqs']} sequences, {e.inputs['images_per_seq']} image(s) each",
+        f"{e.inputs['max_num_seqs']} sequences, {e.inputs['images_per_seq']} image(s) each"
+        + (", with the Transformers engine's rebuild room" if e.inputs.get("rebuild_room") else ""),
         f"  weights          {e.weights / GB:8.1f} GB",
         f"  KV cache         {e.kv_cache / GB:8.1f} GB",
         f"  image cache      {e.cross_cache / GB:8.1f} GB",

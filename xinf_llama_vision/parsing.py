@@ -51,3 +51,33 @@ def switch(value: Any, where: str) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{where} must be true or false, got {value!r}")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(value: Any, where: str) -> int:
+    """A memory size: bytes, or a number with a unit (``KB``/``MB``/``GB``: powers of 1000;
+    ``KiB``/``MiB``/``GiB``: of 1024), case ignored.
+
+    >>> byte_size("4GiB", "x"), byte_size("1.5 GB", "x"), byte_size(65536, "x"), byte_size("512mib", "x")
+    (4294967296, 1500000000, 65536, 536870912)
+    >>> byte_size("lots", "launch option kv_cache_memory")
+    Traceback (most recent call last):
+    ...
+    ValueError: launch option kv_cache_memory must be a size such as 8GiB, 512MiB or a number of bytes, got 'lots'
+    """
+    error = ValueError(f"{where} must be a size such as 8GiB, 512MiB or a number of bytes, got {value!r}")
+    if isinstance(value, bool):
+        raise error
+    text = str(value).strip().lower().replace("_", "")
+    number = text.rstrip("kmgtib ")
+    unit = text[len(number):].strip()
+    try:
+        size = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise error from None
+    if not size >= 1 or size != size or size == float("inf"):
+        raise error
+    return int(size)

@@ -145,7 +145,8 @@ def memory_check_wanted(config: Dict[str, Any]) -> bool:
 
 
 def check_memory(model_path: str, quantization: str, quantizations, context_length: int,
-                 gpus: Optional[int] = None, dtype_bytes: int = 2, context_option: str = "--max_model_len") -> None:
+                 gpus: Optional[int] = None, dtype_bytes: int = 2, context_option: str = "--max_model_len",
+                 images: int = 1) -> None:
     """On CUDA, fail the launch at once (:class:`..memory.DoesNotFit`, with launches that would fit)
     when the weights and one ``context_length`` sequence do not fit the free memory of the launch's
     GPUs (Xinference makes them the model process's visible devices; ``gpus``: the first N of them)."""
@@ -156,7 +157,7 @@ def check_memory(model_path: str, quantization: str, quantizations, context_leng
     count = torch.cuda.device_count() if gpus is None else min(gpus, torch.cuda.device_count())
     free = [torch.cuda.mem_get_info(i)[0] for i in range(count)]
     arch = Architecture.from_checkpoint(model_path)
-    need = estimate(arch, quantization, context_length, max_num_seqs=1, dtype_bytes=dtype_bytes)
+    need = estimate(arch, quantization, context_length, max_num_seqs=1, images_per_seq=images, dtype_bytes=dtype_bytes)
     check_fit(arch, need, free, quantizations, option=f"--{SKIP_MEMORY_CHECK} true", context_option=context_option)
 
 

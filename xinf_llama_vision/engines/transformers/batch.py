@@ -67,6 +67,28 @@ def image_keys_mask(model, cross_attention_mask: Optional[torch.Tensor]) -> Opti
     return last.repeat_interleave(model.model.vision_model.num_patches)
 
 
+def resumed(inputs, ids: Sequence[int]):
+    """A prompt's processor ``inputs`` with the tokens ``ids`` holds beyond it appended: how a row put
+    back in the queue (:mod:`.admission`) is prefilled again, where it was. A generated token attends
+    to the images as the prompt's last token does (every image before it), so the cross-attention
+    mask's last row is repeated.
+
+    >>> x = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    >>> resumed(x, [5, 6, 7, 8])["input_ids"].tolist(), resumed(x, [5, 6]) is x
+    ([[5, 6, 7, 8]], True)
+    """
+    extra = len(ids) - int(inputs["input_ids"].shape[1])
+    if extra == 0:
+        return inputs
+    out = dict(inputs)
+    out["input_ids"] = torch.tensor([list(ids)], dtype=inputs["input_ids"].dtype)
+    out["attention_mask"] = torch.ones_like(out["input_ids"], dtype=inputs["attention_mask"].dtype)
+    mask = inputs.get("cross_attention_mask")
+    if mask is not None:
+        out["cross_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, extra, *mask.shape[2:])], dim=1)
+    return out
+
+
 def prefill_key(inputs) -> Optional[Tuple[int, ...]]:
     """Prompts with the same key can be prefilled together: the shape of their images (the processor
     pads every image to the same tiles), ``None`` for text-only prompts."""
@@ -89,7 +111,7 @@ def prefill(model, group: Sequence[Any]) -> List[Tuple[torch.Tensor, List[KV], i
     pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
 
     def padded(name: str, value: int = 0) -> torch.Tensor:
-        rows = [x[name] for x in group]
+        rows = [x[name].to(model.device) for x in group]  # queued requests keep theirs off the device
         # pad the text dimension (1) at its end; the others stay
         return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]), value=value) for t in rows])
 
@@ -97,7 +119,7 @@ def prefill(model, group: Sequence[Any]) -> List[Tuple[torch.Tensor, List[KV], i
     if prefill_key(group[0]) is not None:
         batch["cross_attention_mask"] = padded("cross_attention_mask")
         for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
-            batch[name] = torch.cat([x[name] for x in group])
+            batch[name] = torch.cat([x[name].to(model.device) for x in group])
     out = model.model(**batch, past_key_values=DynamicCache(), use_cache=True)
     last = out.last_hidden_state[torch.arange(len(group)), torch.tensor(lengths) - 1]
     logits = model.lm_head(last).to(dtype=torch.float32)
@@ -131,6 +153,8 @@ class DecodeBatch:
         self.pads: List[int] = []  # left padding of each row's self-attention cache
         self.lengths: List[int] = []  # real tokens in each row's cache (= the next token's position)
         self.image_keys: List[Optional[torch.Tensor]] = []  # each row's cross-attention key mask
+        #: Most bytes the cache held at once (both copies while it was rebuilt), measured on its tensors.
+        self.peak = 0
 
     def _layers(self) -> List[KV]:
         return cache_layers(self.cache, self.n_layers) if self.cache is not None else [None] * self.n_layers
@@ -143,6 +167,26 @@ class DecodeBatch:
 
     def _cross_width(self) -> int:
         return max((len(m) for m in self.image_keys if m is not None), default=0)
+
+    width = property(_width, doc="Text tokens every row's self-attention cache is padded to.")
+    image_width = property(_cross_width, doc="Image keys every row's cross-attention cache is padded to.")
+
+    def held(self, *more: List[KV]) -> int:
+        """Bytes the cache's tensors keep alive (with ``more`` layers: those too, once each), and the peak."""
+        from .admission import held_bytes
+
+        tensors = [t for layers in (self._layers(), *more) for kv in layers if kv is not None for t in kv]
+        held = held_bytes(tensors)
+        self.peak = max(self.peak, held)
+        return held
+
+    def rollback(self) -> None:
+        """After a step that failed half-way: the self-attention layers it had already grown go back
+        to the batch's width (views: nothing is allocated), so the batch is as before the step."""
+        width = self._width()
+        layers = [kv if kv is None or i in self.cross_layers or kv[0].shape[2] == width
+                  else (kv[0][:, :, :width], kv[1][:, :, :width]) for i, kv in enumerate(self._layers())]
+        self.cache = make_cache(layers)
 
     def add(self, new: List[KV], length: int, image_keys: Optional[torch.Tensor]) -> None:
         """Join a prefilled row (its cache ``new`` holds ``length`` tokens)."""
@@ -170,6 +214,7 @@ class DecodeBatch:
                 parts = [] if mine is None else [(_pad(mine[0], left=target - width), _pad(mine[1], left=target - width))]
                 parts.append((_pad(theirs[0], left=target - row_width), _pad(theirs[1], left=target - row_width)))
             layers[i] = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        self.held(layers)  # the old cache and the new one, at once
         self.cache = make_cache(layers)
         self.pads = [p + target - width for p in self.pads] + [target - row_width]
         self.lengths.append(length)
@@ -184,17 +229,22 @@ class DecodeBatch:
             self.cache, self.pads, self.lengths, self.image_keys = None, [], [], []
             return
         index = torch.tensor(keep)
+        prefix = keep == list(range(len(keep)))  # the last rows leave: views of the first, nothing copied
         trim = min(self.pads[i] for i in keep)
         image_keys = [self.image_keys[i] for i in keep]
         cross = max((len(m) for m in image_keys if m is not None), default=0)
         for i, kv in enumerate(layers):
             if kv is None:
                 continue
-            k, v = kv[0].index_select(0, index.to(kv[0].device)), kv[1].index_select(0, index.to(kv[1].device))
+            if prefix:
+                k, v = kv[0][: len(keep)], kv[1][: len(keep)]
+            else:
+                k, v = kv[0].index_select(0, index.to(kv[0].device)), kv[1].index_select(0, index.to(kv[1].device))
             if i in self.cross_layers:
                 layers[i] = (k[:, :, :cross], v[:, :, :cross]) if cross else None
             else:
                 layers[i] = (k[:, :, trim:], v[:, :, trim:])
+        self.held(layers)
         self.cache = make_cache(layers)
         self.pads = [self.pads[i] - trim for i in keep]
         self.lengths = [self.lengths[i] for i in keep]
@@ -228,4 +278,5 @@ class DecodeBatch:
             **kwargs,
         )
         self.lengths = [n + 1 for n in self.lengths]
+        self.held()
         return model.lm_head(out.last_hidden_state[:, -1, :]).to(dtype=torch.float32)

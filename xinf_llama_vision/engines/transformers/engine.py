@@ -13,6 +13,7 @@ without its per-model lock and no request ever parks one of its threads. The dty
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
@@ -24,6 +25,8 @@ from ...compat.transformers_mllama import meta_mllama
 from ...errors import RequestError, RequestFailed
 from ...generation import Detokenizer, Sampling, StopText, TokenBytes
 from ...images import ImageLimits, load_images
+from ...memory import Architecture, image_tokens
+from ...parsing import byte_size
 from ...quantization import FORMATS, ON_LOAD, bnb_options, method_of, refusal
 from ...request import CheckedRequest, chat_request, completion_request, launch_int, launch_policy
 from ...request.grammar import Grammars
@@ -32,6 +35,7 @@ from ...schema import TRANSFORMERS_VERSIONS
 from ..common import (answer_or_refusal, check_memory, checkpoint_sampling, context_length, launched, memory_check_wanted,
                       output_room)
 from . import faults
+from .admission import Budget, default_limit
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
 from .scheduler import Logprob, Scheduler, Sequence, logger
@@ -49,8 +53,13 @@ def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
     return "bfloat16" if device == "cuda" else None
 
 
-#: The sequence length the launch-time memory check plans for (the cache grows with use after that).
+#: The sequence length the launch-time memory check plans for when the launch sets neither
+#: ``--context_length`` nor ``--kv_cache_memory`` (after loading, the context is what the budget holds).
 MEMORY_CHECK_CONTEXT = 8192
+#: The launch option that sets the batch cache's memory budget (:mod:`.admission`).
+KV_CACHE_MEMORY = "kv_cache_memory"
+#: The shortest context a launch may be left with (shorter: the launch fails, saying why).
+MIN_CONTEXT = 256
 
 
 class _Mllama:
@@ -65,6 +74,10 @@ class _Mllama:
         # Launch options are checked here, so a bad one fails the launch with its message.
         config = self._pytorch_model_config
         context = context_length("context_length", config.get("context_length"), self.model_path, self.model_family)
+        self._context_given = config.get("context_length") is not None
+        self._cache_memory = None
+        if config.get(KV_CACHE_MEMORY) is not None:
+            self._cache_memory = byte_size(config.pop(KV_CACHE_MEMORY), f"launch option {KV_CACHE_MEMORY}")
         self._policy = launch_policy(self.kind, config, context)
         self._max_num_seqs = launch_int("max_num_seqs", config.get("max_num_seqs"))
         self._check_memory = memory_check_wanted(config)
@@ -112,18 +125,59 @@ class _Mllama:
         dtype = default_dtype(config.get("torch_dtype"), device)
         if dtype is not None:
             config["torch_dtype"] = dtype
+        dtype_bytes = 4 if str(dtype).endswith("float32") else 2
         if self._check_memory and device == "cuda":
-            # The cache grows with the requests here: the check covers the weights and one sequence.
+            # The weights, the activations and one row alone: what admission needs to serve anything
+            # (the same arithmetic, memory.py). Without a launch setting, a row of 8,192 tokens.
             fmt = self.model_spec.model_format
             check_memory(self.model_path, method_of(fmt, self.quantization),
                          [method_of(fmt, q) for q in FORMATS[fmt]],
-                         min(self._policy.context_length, MEMORY_CHECK_CONTEXT),
-                         dtype_bytes=4 if str(dtype).endswith("float32") else 2, context_option="--context_length")
+                         self._planned_context(dtype_bytes), images=self._policy.max_images,
+                         dtype_bytes=dtype_bytes, context_option="--context_length")
         super().load()
+        self._budget = self._cache_budget()
         # Set, ``_batch_scheduler`` tells Xinference that this model batches: it then hands each
         # request's id to chat/generate (``generate_config["request_id"]``) and calls
         # abort_request with it when a client hangs up (or ``POST …/requests/{id}/abort``).
-        self._scheduler = self._batch_scheduler = Scheduler(self._model, self._max_num_seqs)
+        self._scheduler = self._batch_scheduler = Scheduler(self._model, self._max_num_seqs, self._budget)
+
+    def _planned_context(self, dtype_bytes: int) -> int:
+        """The row the launch check plans for: the context, or what ``--kv_cache_memory`` holds."""
+        if self._cache_memory is not None:
+            arch = Architecture.from_checkpoint(self.model_path)
+            budget = Budget.of(arch, dtype_bytes, self._cache_memory)
+            return min(self._policy.context_length, budget.context(image_tokens(arch, self._policy.max_images)))
+        return self._policy.context_length if self._context_given else \
+            min(self._policy.context_length, MEMORY_CHECK_CONTEXT)
+
+    def _cache_budget(self) -> Budget:
+        """The batch cache's budget, and the context it holds: a row alone must fit it with the most
+        images a prompt may have. A ``--context_length`` it cannot hold fails the launch, saying what
+        would; the checkpoint's context (no option) shrinks to what it holds, in the log."""
+        arch = Architecture.from_config(self._model.config.to_dict())
+        limit = self._cache_memory
+        if limit is None:
+            limit = default_limit(self._model, arch, self._policy.max_images, self._max_num_seqs)
+        budget = Budget.of(arch, self._model.dtype.itemsize, max(limit, 0))
+        images = image_tokens(arch, self._policy.max_images)
+        holds = budget.context(images)
+        where = f"--{KV_CACHE_MEMORY} {limit}" if self._cache_memory is not None else "the memory left after the weights"
+        if holds < self._policy.context_length:
+            if self._context_given or holds < MIN_CONTEXT:
+                raise ValueError(
+                    f"one request of {self._policy.context_length} tokens with {self._policy.max_images} image(s) "
+                    f"needs {budget.need(1, self._policy.context_length, images)} bytes of cache, and the cache "
+                    f"budget ({where}) is {budget.limit} bytes: launch with --context_length {holds} or less"
+                    f"{'' if holds >= MIN_CONTEXT else ' (too short to serve)'}, fewer --max_images, or a larger "
+                    f"--{KV_CACHE_MEMORY}")
+            logger.warning("the cache budget (%s, %d bytes) holds one request of %d tokens with %d image(s): the "
+                           "context is %d tokens, not the checkpoint's %d (--context_length, --%s)", where,
+                           budget.limit, holds, self._policy.max_images, holds, self._policy.context_length,
+                           KV_CACHE_MEMORY)
+            self._policy = dataclasses.replace(self._policy, context_length=holds)
+        logger.info("batch cache budget: %d bytes (%s); context %d tokens", budget.limit, where,
+                    self._policy.context_length)
+        return budget
 
     async def abort_request(self, request_id: str) -> str:
         """Xinference's abort: the request's rows leave the batch at the next step."""
@@ -180,10 +234,10 @@ class _Mllama:
             raise RequestFailed("while loading its images", error) from error
         try:
             faults.check("processor", injected)
-            inputs = self._processor(
+            # Off the device until its prefill: a queued request holds no device memory.
+            return self._processor(
                 images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
             )
-            return inputs.to(self._model.device)
         except Exception as error:
             logger.exception("the image processor failed on a request")
             raise RequestFailed("in the image processor", error) from error

@@ -11,16 +11,20 @@ corrupt image, the processor, an out-of-memory error in a forward pass or a cach
 * ``images``: loading and decoding its images; ``processor``: the processor's tensors;
 * ``prefill``: its prefill group's forward pass; ``join``: its row joining the running batch's cache;
 * ``decode``: a decode step while its row is in the batch (after its second token);
-* ``leave``: the batch's cache rebuild as its row leaves (once).
+* ``leave``: the batch's cache rebuild as its row leaves (once);
+* ``oom``: a decode step while its row is in the batch runs out of memory half-way through the
+  model's layers (once; ``torch.OutOfMemoryError`` from the last text layer, after the earlier ones
+  grew the cache).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import FrozenSet
 
-STAGES = ("images", "processor", "prefill", "join", "decode", "leave")
+STAGES = ("images", "processor", "prefill", "join", "decode", "leave", "oom")
 _TAG = re.compile(r"\[\[fail:(\w+)\]\]")
 
 
@@ -48,3 +52,25 @@ def check(stage: str, faults: FrozenSet[str]) -> None:
     """Fail here if the request asked to fail at ``stage``."""
     if stage in faults:
         raise InjectedFault(f"injected fault at the {stage} stage (XLV_TEST_FAULTS)")
+
+
+@contextlib.contextmanager
+def out_of_memory(model, rows):
+    """Around a decode step: when a row of ``rows`` asked for ``oom`` (and has two tokens), the step
+    runs out of memory in the model's last text layer, once."""
+    armed = [seq for seq in rows if "oom" in seq.faults and not seq.finished and seq.generated >= 2]
+    if not armed:
+        yield
+        return
+    import torch
+
+    armed[0].faults = armed[0].faults - {"oom"}
+
+    def fail(module, args):
+        raise torch.OutOfMemoryError("injected out-of-memory error in a decode step (XLV_TEST_FAULTS)")
+
+    hook = model.model.language_model.layers[-1].register_forward_pre_hook(fail)
+    try:
+        yield
+    finally:
+        hook.remove()

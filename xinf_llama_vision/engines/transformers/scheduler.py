@@ -8,10 +8,11 @@ The thread is the only code that touches the model. Requests talk to it through 
 seven concurrent streams used to hang a 2-core machine: every ``asyncio.to_thread`` worker
 waited for a token that only another worker could produce).
 
-Each step: admit waiting requests while the batch has room (prefilled together where their images
-have one shape, see :mod:`.batch`), drop rows whose clients are gone, then one decode step for
-every row, each row choosing its token with its own logits processors (those ``generate`` would
-use for that request).
+Each step: admit waiting requests while the batch has room, in rows and in memory (prefilled together
+where their images have one shape, see :mod:`.batch`; the memory rule is :mod:`.admission`'s), drop
+rows whose clients are gone, put the newest rows back in the queue if the batch would outgrow its
+budget, then one decode step for every row, each row choosing its token with its own logits
+processors (those ``generate`` would use for that request).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 from ...compat.transformers_generation import sampler
 from ...errors import RequestFailed, RequestLeft
 from . import faults
-from .batch import DecodeBatch, image_keys_mask, prefill, prefill_key
+from .admission import JOIN_HEADROOM, PREFILL_TOKENS, Budget, is_out_of_memory
+from .batch import DecodeBatch, image_keys_mask, prefill, prefill_key, resumed
 
 #: Under Xinference's logger, so these lines reach the server's log with its own (model process: INFO).
 logger = logging.getLogger("xinference.model.llm.xinf_llama_vision")
@@ -81,7 +83,7 @@ def _logprob(logprobs: torch.Tensor, token: int, top: int) -> Logprob:
 class Sequence:
     """One request: its processed inputs, how it samples and stops, and its way back to the caller."""
 
-    inputs: Any  # the processor's BatchFeature, on the model's device
+    inputs: Any  # the processor's BatchFeature, off the device until its prefill; kept while it runs (to resume)
     max_new_tokens: int
     stop_ids: Set[int]
     processors: Any
@@ -95,11 +97,14 @@ class Sequence:
     constraint: Any = None
     #: Stages where the tests asked this request to fail (:mod:`.faults`; empty outside the tests).
     faults: FrozenSet[str] = frozenset()
+    patches: int = 0  # cross-attention keys per tile (the vision model's patches and class token)
     out: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
     ids: List[int] = field(default_factory=list)  # prompt, then generated
     generated: int = 0
     finished: bool = False
     cancelled: Optional[str] = None  # why the row must leave early
+    #: Times it was put back in the queue to keep the batch within its memory budget.
+    requeued: int = 0
 
     @classmethod
     def create(cls, model, inputs, generate_kwargs: Dict[str, Any], loop: asyncio.AbstractEventLoop,
@@ -116,7 +121,18 @@ class Sequence:
         return cls(inputs=inputs, max_new_tokens=generate_kwargs["max_new_tokens"],
                    stop_ids=set(generate_kwargs["eos_token_id"]), processors=processors, do_sample=do_sample,
                    loop=loop, generator=generator, top_logprobs=top_logprobs, constraint=constraint,
-                   faults=injected, ids=prompt_ids[0].tolist())
+                   faults=injected, ids=prompt_ids[0].tolist(), patches=model.model.vision_model.num_patches)
+
+    @property
+    def image_width(self) -> int:
+        """Cross-attention keys its row holds: images × tiles × patches (0 without images)."""
+        mask = self.inputs.get("cross_attention_mask") if self.inputs is not None else None
+        return 0 if mask is None else int(mask.shape[2] * mask.shape[3]) * self.patches
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still generate."""
+        return self.max_new_tokens - self.generated
 
     @property
     def active(self) -> bool:
@@ -159,11 +175,13 @@ class Sequence:
         self.generated += 1
         finish = "stop" if token in self.stop_ids else "length" if self.generated >= self.max_new_tokens else None
         self.finished = finish is not None
+        if self.finished:
+            self.inputs = None
         self._send((token, finish, None if logprobs is None else _logprob(logprobs, token, self.top_logprobs)))
         return finish
 
     def fail(self, error: BaseException) -> None:
-        self.finished = True
+        self.finished, self.inputs = True, None
         self._send(error)
 
     async def events(self) -> AsyncIterator[List[Event]]:
@@ -190,15 +208,18 @@ class Sequence:
 
 
 class Scheduler:
-    """The model's one worker thread and its running batch (at most ``max_num_seqs`` rows)."""
+    """The model's one worker thread and its running batch (at most ``max_num_seqs`` rows, within
+    ``budget``'s bytes; ``None``: no memory limit)."""
 
-    def __init__(self, model, max_num_seqs: int):
+    def __init__(self, model, max_num_seqs: int, budget: Optional[Budget] = None):
         self.model = model
         self.max_num_seqs = max_num_seqs
+        self.budget = budget
         self._inbox: "queue.Queue[Optional[Sequence]]" = queue.Queue()
         self._waiting: List[Sequence] = []
         self._running: List[Sequence] = []
         self._batch = DecodeBatch(model)
+        self._requeued = 0  # rows put back in the queue since the last report
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mllama-scheduler", daemon=True)
         self._thread.start()
@@ -216,20 +237,25 @@ class Scheduler:
     # -- the thread ---------------------------------------------------------------------
     def _run(self) -> None:
         while not self._closed:
-            try:
-                self._collect(block=not self._running and not self._waiting)
-                self._admit()
-                if self._running:
-                    self._step()
-            except Exception as error:  # a decode step: its rows shared it, so they end; the queue goes on
-                logger.exception("a decode step failed; the %d requests in it end", len(self._running))
-                for seq in self._running:
-                    if not seq.finished:
-                        seq.fail(RequestFailed(f"in a decode step it shared with {len(self._running) - 1} other "
-                                               "running requests, which ended too", error, alone=False))
-                self._running, self._batch = [], DecodeBatch(self.model)
+            self._cycle(block=not self._running and not self._waiting)
         for seq in self._waiting + self._running:
             seq.fail(RuntimeError("the model stopped before this request finished"))
+
+    def _cycle(self, block: bool = False) -> None:
+        """New requests in, waiting ones admitted, one decode step."""
+        try:
+            self._collect(block)
+            self._admit()
+            if self._running:
+                self._step()
+        except Exception as error:  # a decode step: its rows shared it, so they end; the queue goes on
+            logger.exception("a decode step failed; the %d requests in it end", len(self._running))
+            rows = [seq for seq in self._running if not seq.finished]
+            for seq in rows:
+                seq.fail(RequestFailed("in a decode step", error) if len(rows) == 1 else
+                         RequestFailed(f"in a decode step it shared with {len(rows) - 1} other running requests, "
+                                       "which ended too", error, alone=False))
+            self._running, self._batch = [], DecodeBatch(self.model)
 
     def _collect(self, block: bool) -> None:
         """Move new requests to the waiting list; with ``block``, wait for one (after a second
@@ -240,6 +266,7 @@ class Scheduler:
             except queue.Empty:
                 if not block:
                     raise
+                self._report()
                 release_memory(self.model)
                 item = self._inbox.get()
             while True:
@@ -249,46 +276,71 @@ class Scheduler:
         except queue.Empty:
             pass
 
+    def _report(self) -> None:
+        """The cache's measured peak since the last report, against the budget (in the model's log)."""
+        if self._batch.peak:
+            budget = f"of a budget of {self.budget.limit} bytes" if self.budget else "(no memory budget)"
+            logger.info("batch cache: peak %d bytes %s; %d rows put back in the queue to stay within it",
+                        self._batch.peak, budget, self._requeued)
+        self._batch.peak, self._requeued = 0, 0
+
+    def _fits(self, rows: List[Sequence], headroom: int) -> bool:
+        """Whether the batch with ``rows`` (running and joining) keeps the budget's rule ``headroom``
+        tokens ahead (each row padded to the longest, see :mod:`.admission`)."""
+        if self.budget is None:
+            return True
+        width = max([self._batch.width] + [len(seq.ids) for seq in rows if seq not in self._running])
+        image_width = max([self._batch.image_width] + [seq.image_width for seq in rows if seq not in self._running])
+        return self.budget.holds(len(rows), width + headroom, image_width)
+
     def _admit(self) -> None:
-        """Waiting requests, as many as the batch has room for, prefilled in groups of one image shape.
+        """Waiting requests, first come first served, while the batch has room for them in rows and in
+        memory, prefilled in groups of one image shape (at most :data:`PREFILL_TOKENS` a group).
         A failure ends the request it is about: a group whose prefill fails is prefilled again one
         request at a time, and a row that cannot join the batch leaves the batch as it was."""
         admitted: List[Sequence] = []
         while self._waiting and len(self._running) + len(admitted) < self.max_num_seqs:
-            seq = self._waiting.pop(0)
-            if seq.cancelled is None:
-                admitted.append(seq)
-            else:
+            seq = self._waiting[0]
+            if seq.cancelled is not None:
+                self._waiting.pop(0)
                 logger.info("a request left the queue before it started: %s", seq.cancelled)
                 seq.leave()
-        groups: Dict[Any, List[Sequence]] = {}
+                continue
+            rows = self._running + admitted + [seq]
+            if len(rows) > 1 and not self._fits(rows, min(JOIN_HEADROOM, seq.remaining)):
+                break  # it waits for rows to leave (a row alone always fits: the context is the budget's)
+            admitted.append(self._waiting.pop(0))
+        groups: Dict[Any, List[List[Sequence]]] = {}
         for seq in admitted:
             try:
-                groups.setdefault(prefill_key(seq.inputs), []).append(seq)
+                same = groups.setdefault(prefill_key(seq.inputs), [[]])
+                if (len(same[-1]) + 1) * max([len(seq.ids)] + [len(s.ids) for s in same[-1]]) > PREFILL_TOKENS:
+                    same.append([])
+                same[-1].append(seq)
             except Exception as error:  # taken from the queue: it ends here, in words, or it would wait forever
                 logger.exception("a request's inputs could not be grouped")
                 seq.fail(RequestFailed("preparing its prefill", error))
-        for group in groups.values():
+        for group in (g for same in groups.values() for g in same if g):
             for seq, (logits, layers, length) in self._prefill(group):
                 self._join(seq, logits, layers, length)
 
     def _prefill(self, group: List[Sequence]) -> List[Tuple[Sequence, Any]]:
-        """``[(seq, (logits, cache layers, length))]`` of the group's requests whose prefill succeeded."""
+        """``[(seq, (logits, cache layers, length))]`` of the group's requests whose prefill succeeded
+        (a request put back in the queue is prefilled with its tokens so far)."""
         try:
             for seq in group:
                 faults.check("prefill", seq.faults)
-            return list(zip(group, prefill(self.model, [seq.inputs for seq in group])))
+            return list(zip(group, prefill(self.model, [resumed(seq.inputs, seq.ids) for seq in group])))
         except Exception as error:
             if len(group) > 1:
                 logger.warning("a prefill of %d requests failed (%s); each alone now", len(group), error)
                 return [pair for seq in group for pair in self._prefill([seq])]
             logger.exception("a prefill failed")
-            group[0].inputs = None
             group[0].fail(RequestFailed("in its prefill", error))
             return []
 
     def _join(self, seq: Sequence, logits: torch.Tensor, layers, length: int) -> None:
-        """Its first token, then its row into the batch (:meth:`DecodeBatch.add` changes nothing if it fails)."""
+        """Its next token, then its row into the batch (:meth:`DecodeBatch.add` changes nothing if it fails)."""
         try:
             if self._choose(seq, logits) is None:
                 faults.check("join", seq.faults)
@@ -297,8 +349,6 @@ class Scheduler:
         except Exception as error:
             logger.exception("a request could not join the batch")
             seq.fail(RequestFailed("joining the running batch", error))
-        finally:
-            seq.inputs = None  # pixel values are in the cache now (or no longer needed)
 
     @staticmethod
     def _choose(seq: Sequence, logits: torch.Tensor) -> Optional[str]:
@@ -310,6 +360,25 @@ class Scheduler:
             seq.fail(error)
             return "error"
 
+    def _requeue(self, count: int) -> None:
+        """The ``count`` newest running rows go back to the front of the queue, oldest first, to be
+        prefilled again with their tokens so far when there is room (their answers go on unchanged).
+        The last rows leave the batch as views of the first: nothing is copied."""
+        back = [i for i, seq in enumerate(self._running) if not seq.finished][-count:]
+        self._batch.remove(back)
+        seqs = [self._running[i] for i in back]
+        self._running = [seq for i, seq in enumerate(self._running) if i not in set(back)]
+        for seq in seqs:
+            seq.requeued += 1
+        self._requeued += len(seqs)
+        self._waiting[:0] = seqs
+
+    def _keep_within_budget(self) -> None:
+        """Before a step: while the batch one token longer would break the budget's rule, its newest
+        row goes back to the queue."""
+        while len(self._running) > 1 and not self._fits(self._running, 1):
+            self._requeue(1)
+
     def _step(self) -> None:
         for seq in self._running:
             if seq.cancelled and not seq.finished:
@@ -317,16 +386,41 @@ class Scheduler:
                             seq.cancelled)
                 seq.leave()
         self._drop_ended()
+        self._keep_within_budget()
         if not any(not seq.finished for seq in self._running):
             return
         for seq in self._running:
             if not seq.finished and seq.generated >= 2:
                 faults.check("decode", seq.faults)
-        logits = self._batch.step([seq.ids[-1] for seq in self._running])
+        try:
+            with faults.out_of_memory(self.model, self._running):
+                logits = self._batch.step([seq.ids[-1] for seq in self._running])
+        except Exception as error:
+            if not (is_out_of_memory(error) and self._shed(error)):
+                raise
+            return
         for seq, row in zip(self._running, logits):
             if not seq.finished:  # a row that could not leave yet is stepped, and ignored
                 self._choose(seq, row)
         self._drop_ended()
+
+    def _shed(self, error: BaseException) -> bool:
+        """A decode step ran out of memory: the batch goes back to where it was before the step, and
+        its newest half goes back to the queue (the budget shrinks to what is left, so it is not
+        refilled at once). ``False`` when that is not possible (one row: it fails, in words)."""
+        active = [seq for seq in self._running if not seq.finished]
+        if len(active) < 2:
+            return False
+        failed = (len(self._running), self._batch.width + 1, self._batch.image_width)
+        self._batch.rollback()
+        self._requeue(len(active) // 2)
+        release_memory(self.model)
+        if self.budget is not None:  # under the rule, what is left may use half of what failed
+            self.budget.limit = min(self.budget.limit, self.budget.need(*failed))
+        logger.warning("a decode step of %d rows ran out of memory (%s); the newest %d went back to the queue "
+                       "and the memory budget is now %s bytes (--kv_cache_memory sets it)", len(active),
+                       type(error).__name__, len(active) // 2, self.budget.limit if self.budget else "unlimited")
+        return True
 
     def _drop_ended(self) -> None:
         """Rows whose requests ended leave the batch; if rebuilding the cache fails, they stay (ignored)
