@@ -1,6 +1,7 @@
 """Served throughput against raw transformers, side by side, in one run.
 
     .venv/bin/python scripts/bench.py [--max-tokens 64] [--model-path DIR] [--json FILE] [--markdown docs/performance.md]
+    .venv/bin/python scripts/bench.py --caches [--markdown docs/performance.md]   # the image cache, on and off
 
 Default checkpoint: a random one with 11B's layer pattern scaled down (``tiny.BENCH_TEXT`` /
 ``BENCH_VISION``, ~75M parameters), big enough that the model, not the serving overhead, takes
@@ -179,6 +180,156 @@ def vllm_rows(work: Path, model_path: str, messages, max_tokens: int) -> dict:
     return out
 
 
+# -- the image cache (--caches) --------------------------------------------------------------------
+CACHE_QUESTIONS = ["What is in this image?", "What colour is it?", "Is there any text?", "Describe its shape.",
+                   "Is it bright or dark?", "Summarise our conversation."]
+
+
+def vision_to_text_ratio(model_path: str) -> dict:
+    """Measured on the checkpoint, in-process: the vision tower and projector on one 4-tile image
+    against the language model's prefill of 100 text tokens (best of three each)."""
+    import torch
+
+    reference = Reference(model_path)
+    model = reference.model
+    x = reference.inputs("<|image|>x", [png((90, 120, 200), size=(900, 900))])
+    ids = torch.randint(1000, 5000, (1, 100))
+
+    def vision():
+        with torch.no_grad():
+            out = model.model.vision_model(pixel_values=x["pixel_values"], aspect_ratio_ids=x["aspect_ratio_ids"],
+                                           aspect_ratio_mask=x["aspect_ratio_mask"])
+            model.model.multi_modal_projector(out.last_hidden_state)
+
+    def text():
+        with torch.no_grad():
+            model.model.language_model(input_ids=ids)
+
+    tiles = int(x["aspect_ratio_mask"].sum())
+    vision_s, text_s = best_of(vision), best_of(text)
+    return {"tiles": tiles, "vision_ms": 1000 * vision_s, "text100_ms": 1000 * text_s, "ratio": vision_s / text_s}
+
+
+def first_token(server: Server, uid: str, messages, max_tokens: int):
+    """``(time to the first token in s, the answer)`` of one streamed request."""
+    import httpx
+
+    body = {"model": uid, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start, first, text = time.perf_counter(), None, ""
+    with httpx.stream("POST", f"{server.endpoint}/v1/chat/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                delta = (json.loads(line[len("data: "):]).get("choices") or [{}])[0].get("delta", {})
+                if delta.get("content"):
+                    first = first or time.perf_counter() - start
+                    text += delta["content"]
+    return first, text
+
+
+def image_message(image, question):
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(image)}},
+                                        {"type": "text", "text": question}]}
+
+
+def conversation(server: Server, uid: str, image, max_tokens: int):
+    """Six turns about one image, each resending the history (as chat clients do): each turn's time to
+    first token, and a text-only prompt's with the same new question."""
+    history, times, alone = [], [], []
+    for turn, question in enumerate(CACHE_QUESTIONS):
+        message = image_message(image, question) if turn == 0 else {"role": "user", "content": question}
+        ttft, answer = first_token(server, uid, history + [message], max_tokens)
+        times.append(ttft)
+        alone.append(first_token(server, uid, [{"role": "user", "content": question}], max_tokens)[0])
+        history += [message, {"role": "assistant", "content": answer}]
+    return times, alone
+
+
+def cache_log(server: Server):
+    """The model's last image cache report: ``(hits, misses, bytes)`` (after a second of rest)."""
+    import re
+
+    time.sleep(2)
+    found = re.findall(r"image cache: (\d+) hits, (\d+) misses, \d+ evictions, \d+ images in (\d+) bytes",
+                       server.log.read_text(errors="replace"))
+    return tuple(map(int, found[-1])) if found else (0, 0, 0)
+
+
+def cache_rows(work: Path, max_tokens: int) -> dict:
+    """The image cache on and off, side by side, on a checkpoint with 11B's image-to-text cost ratio."""
+    from tiny import BENCH_TEXT, CACHE_VISION, build
+
+    model_path = build(str(work / "cache-bench"), text=BENCH_TEXT, vision=CACHE_VISION)
+    out = {"ratio": vision_to_text_ratio(model_path)}
+    server = start_local(work / "home-caches", base_env(work / "home-caches"))
+    try:
+        server.wait_ready()
+        for uid, extra in (("cached", ()), ("uncached", ("--image_cache_memory", "0"))):
+            server.launch("llama-3.2-vision-instruct", uid, model_path, "--disable-virtual-env", *extra)
+            first_token(server, uid, [{"role": "user", "content": "Hi"}], 2)  # warm
+        colours = iter([(200, 30, 30), (30, 160, 60), (20, 40, 220), (220, 200, 20), (120, 20, 160), (20, 180, 180),
+                        (250, 120, 0), (90, 90, 90), (250, 250, 250)])
+        picture = png(next(colours), size=(900, 900))  # 4 tiles
+        for uid in ("cached", "uncached"):
+            times, alone = conversation(server, uid, picture, max_tokens)
+            out[f"{uid}_turns_ms"] = [1000 * t for t in times]
+            out[f"{uid}_text_only_ms"] = [1000 * t for t in alone]
+        shared = png(next(colours), size=(900, 900))
+        for uid in ("cached", "uncached"):
+            before = cache_log(server)
+            with ThreadPoolExecutor(16) as pool:
+                start = time.perf_counter()
+                answers = list(pool.map(lambda i: first_token(server, uid, [image_message(shared, f"Question {i}: {CACHE_QUESTIONS[i % 6]}")],
+                                                              max_tokens), range(16)))
+                elapsed = time.perf_counter() - start
+            tokens = 16 * max_tokens
+            out[f"{uid}_16_clients"] = {"tokens_per_s": tokens / elapsed, "ttft_ms": 1000 * statistics.median(a[0] for a in answers)}
+            if uid == "cached":
+                after = cache_log(server)
+                out["cached_16_clients"]["vision_runs"] = after[1] - before[1]
+                out["cache_bytes_at_rest"] = after[2]
+        misses = {"cached": [], "uncached": []}
+        for _ in range(3):  # never-repeated pictures: what the cache costs a request it cannot help
+            fresh = png(next(colours), size=(900, 900))
+            for uid in misses:
+                misses[uid].append(1000 * first_token(server, uid, [image_message(fresh, "What is this?")], max_tokens)[0])
+        out["miss_ttft_ms"] = {uid: statistics.median(v) for uid, v in misses.items()}
+    finally:
+        server.stop()
+    return out
+
+
+def cache_markdown(r: dict) -> str:
+    ratio = r["ratio"]
+    lines = [
+        f"Checkpoint: random, `tests/tiny.py` BENCH_TEXT with CACHE_VISION (336-pixel tiles). One {ratio['tiles']}-tile "
+        f"image through the vision tower and projector: {ratio['vision_ms']:.0f} ms; a 100-token text prefill: "
+        f"{ratio['text100_ms']:.0f} ms; **measured ratio {ratio['ratio']:.1f} : 1** (11B by the architecture's "
+        "arithmetic: about 11 : 1).",
+        "",
+        "Six turns about one 4-tile image, each resending the history (time to first token, ms; a text-only "
+        "prompt with the same new question beside it):",
+        "",
+        "| turn | image cache on | off | on / off | text-only prompt | on / text-only |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, (on, off, text) in enumerate(zip(r["cached_turns_ms"], r["uncached_turns_ms"], r["cached_text_only_ms"])):
+        lines.append(f"| {i + 1} | {on:.0f} | {off:.0f} | {on / off:.2f}x | {text:.0f} | {on / text:.2f}x |")
+    on, off = r["cached_16_clients"], r["uncached_16_clients"]
+    lines += [
+        "",
+        "| 16 clients, different questions about one new image | tokens/s | median time to first token (ms) | vision tower runs |",
+        "|---|---:|---:|---:|",
+        f"| image cache on | {on['tokens_per_s']:.1f} | {on['ttft_ms']:.0f} | {on['vision_runs']} |",
+        f"| image cache off | {off['tokens_per_s']:.1f} | {off['ttft_ms']:.0f} | 16 (one per request) |",
+        "",
+        f"A miss (a picture never sent before), median time to first token: {r['miss_ttft_ms']['cached']:.0f} ms with "
+        f"the cache, {r['miss_ttft_ms']['uncached']:.0f} ms without "
+        f"({r['miss_ttft_ms']['cached'] / r['miss_ttft_ms']['uncached']:.2f}x). The cache at rest: "
+        f"{r['cache_bytes_at_rest'] / 2**20:.1f} MiB.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     raw1, raw8, prefill = (results[k] for k in ("raw_batch1_tokens_per_s", "raw_batch8_tokens_per_s", "raw_prefill_ms"))
     lines = [
@@ -229,9 +380,13 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="write the table here (between its bench:begin/end markers, if it has them)")
     parser.add_argument("--vllm", action="store_true", help="also the vLLM paths (V0 and V1) from the stage virtualenvs")
+    parser.add_argument("--caches", action="store_true",
+                        help="only the image cache, on and off (its own checkpoint; the table between cache-bench markers)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="xlv-bench-"))
+    if args.caches:
+        return finish(cache_rows(work, max_tokens=16), args, cache_markdown, "cache-bench")
     model_path = args.model_path
     checkpoint = model_path
     if not model_path:
@@ -281,15 +436,16 @@ def main() -> int:
     return finish(results, args)
 
 
-def finish(results: dict, args) -> int:
-    table = markdown(results)
+def finish(results: dict, args, render=markdown, marker: str = "bench") -> int:
+    """Print the table; write the JSON and the table (between the ``marker`` comments) where asked."""
+    table = render(results)
     print("\n" + table)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
         path = Path(args.markdown)
         text = path.read_text() if path.exists() else ""
-        begin, end = "<!-- bench:begin -->\n", "<!-- bench:end -->"
+        begin, end = f"<!-- {marker}:begin -->\n", f"<!-- {marker}:end -->"
         if begin in text and end in text:
             table = text[: text.index(begin) + len(begin)] + table + text[text.index(end):]
         path.write_text(table)

@@ -167,6 +167,16 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return build(str(tmp_path_factory.mktemp("tiny-mllama")))
 
 
+@pytest.fixture
+def loop():
+    """An event loop of its own, for tests that drive the scheduler's steps by hand."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_checkpoint):
     from oracle import Reference

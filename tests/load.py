@@ -123,3 +123,30 @@ def check(results, expected, compared=None):
         assert (text, finish, usage[0]) == (want.text, want.finish_reason, want.prompt_tokens), name
         if want.completion_tokens is not None:
             assert usage[1] == want.completion_tokens, name
+
+
+def abort_midway(server, uid, request_id: str):
+    """A long stream with its own ``request_id``, aborted by that id (Xinference's ``POST
+    /v1/models/{uid}/requests/{id}/abort``) after its first tokens: ``(the abort's answer, the abort's
+    answer when sent again, how the stream ended)``; the stream must end, not hang."""
+    import httpx
+    import openai
+
+    messages, _, _ = CASES["hang-up"]
+    stream = server.openai().chat.completions.create(model=uid, messages=messages, max_tokens=400, temperature=0,
+                                                     stream=True, extra_body={"request_id": request_id})
+    chunks = iter(stream)
+    tokens = 0
+    while tokens < 2:  # two with text: the engine is generating (a first role-only chunk may come before)
+        chunk = next(chunks)
+        tokens += bool(chunk.choices and chunk.choices[0].delta.content)
+    headers = {"authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    url = f"{server.endpoint}/v1/models/{uid}/requests/{request_id}/abort"
+    first = httpx.post(url, json={}, headers=headers, timeout=60).json()
+    try:
+        rest = list(chunks)
+        ended = next((c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason), "closed")
+    except openai.APIError as error:
+        ended = f"error: {error}"
+    again = httpx.post(url, json={}, headers=headers, timeout=60).json()
+    return first, again, ended

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import torch
 
 from parity import BLUE, RED
@@ -26,13 +25,6 @@ CASES = [
     ("What is this?", [RED]), ("Describe the picture in a few words.", [BLUE]), ("Say something long.", []),
     ("Which colour is it?", [RED]), ("Two pictures: which is red?", [RED, BLUE]), ("Count to ten.", []),
 ]
-
-
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def stopped(model, budget=None) -> Scheduler:

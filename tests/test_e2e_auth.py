@@ -265,3 +265,45 @@ def test_concurrent_requests_with_a_key(pair, reference):
 
     with ThreadPoolExecutor(16) as pool:
         assert list(pool.map(ask, range(16))) == [expected] * 16
+
+
+def image_cache_counts(server):
+    """``(hits, misses)`` of the model's last image cache report, and how many reports there were."""
+    found = re.findall(r"image cache: (\d+) hits, (\d+) misses", server.log.read_text(errors="replace"))
+    return (tuple(map(int, found[-1])) if found else (0, 0)), len(found)
+
+
+def ask_and_count(server, key, source, reference):
+    """One question about the picture at ``source`` with ``key``, its answer checked; then the image
+    cache's counts once the model reports them (when it is idle)."""
+    from openai import OpenAI
+
+    from test_e2e_hostile import RED as SERVED  # the picture the image server serves as /red.png
+
+    _, reports = image_cache_counts(server)
+    client = OpenAI(base_url=server.endpoint + "/v1", api_key=key, max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": source}},
+                                             {"type": "text", "text": "What is this?"}]}]
+    answer = client.chat.completions.create(model="guarded", messages=messages, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content == reference.generate(reference.render(messages), [SERVED], 8)[0]
+    deadline = time.time() + 30
+    while image_cache_counts(server)[1] == reports and time.time() < deadline:
+        time.sleep(0.3)
+    return image_cache_counts(server)[0]
+
+
+def test_the_image_cache_is_scoped_per_key(pair, images_server, reference):
+    """Under Xinference's default authentication: a key that sends a picture again (as a URL, then as
+    a data URI of the same PNG) hits the image cache; another key sending the same picture does not,
+    so its answer's speed tells it nothing about what the first key sent (docs/performance.md)."""
+    import base64
+
+    from test_e2e_hostile import RED_PNG
+
+    ours, accounts, _, _ = pair
+    second = accounts.new_key("second key, all models")
+    inline = "data:image/png;base64," + base64.b64encode(RED_PNG).decode()
+    hits, misses = ask_and_count(ours, accounts.key, images_server.url("/red.png"), reference)
+    assert ask_and_count(ours, accounts.key, inline, reference) == (hits + 1, misses)  # the same pixels: a hit
+    assert ask_and_count(ours, second, inline, reference) == (hits + 1, misses + 1)  # another key: a miss
+    assert ask_and_count(ours, second, images_server.url("/red.png"), reference) == (hits + 2, misses + 1)

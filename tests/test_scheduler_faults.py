@@ -18,13 +18,6 @@ from xinf_llama_vision.errors import RequestFailed
 
 
 @pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
 def scheduler(reference):
     s = Scheduler(reference.model, max_num_seqs=8)
     s.close()  # the thread ends; the test runs the steps

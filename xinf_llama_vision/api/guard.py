@@ -11,6 +11,7 @@ cancelled when its client hangs up (:func:`~.asgi.unless_gone`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from ..compat.xinference_api import keep_alive
 from ..errors import RequestError
 from ..request import CHECKS, Policy, json_object
-from ..request.wire import POLICY_KEY
+from ..request.wire import POLICY_KEY, carry_scope
 from .asgi import replay, unless_gone
 from .refusal import error_response, refusal_in, watch, xinference_refusal
 
@@ -102,6 +103,14 @@ def named_model(head: bytes) -> Optional[str]:
         return None
 
 
+def cache_scope(request) -> str:
+    """Whose request this is, for the image cache: a hash of its credential (an ``xf-`` key or a
+    token), ``""`` without one (authentication off: one scope). Two credentials never share a cached
+    image, so a fast answer tells nobody what another key sent (docs/performance.md)."""
+    credential = request.headers.get("authorization", "")
+    return hashlib.blake2b(credential.encode(), digest_size=16).hexdigest() if credential else ""
+
+
 class Guard:
     """The checks the wrapped chat and completion endpoints run for our models (see the module's docstring)."""
 
@@ -142,6 +151,7 @@ class Guard:
         except RequestError as e:
             logger.info("refused a request to %s: %s", path, e)
             return error_response(400, str(e))
+        checked = carry_scope(checked, cache_scope(request))
         kwargs["request"] = Request(request.scope, replay(json.dumps(checked).encode(), request.receive))
         call = endpoint(*args, **kwargs)
         if policy.engine == "transformers" and not checked.get("stream"):

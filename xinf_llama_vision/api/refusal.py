@@ -18,6 +18,12 @@ from .asgi import respond
 logger = logging.getLogger("xinf_llama_vision")
 
 
+#: What Xinference says (sanitised) when a model is serving as many requests as its ``request_limits``.
+XINFERENCE_RATE_LIMIT = "Rate limit reached"
+RATE_LIMITED = ("Rate limit reached: this model is serving as many requests as its launch allows "
+                "(request_limits); send it again in a moment")
+
+
 def error_body(message: str, status: int = 400) -> bytes:
     """The error in both shapes clients read: OpenAI's ``error`` object and FastAPI's ``detail``.
 
@@ -168,7 +174,12 @@ class Refusal:
         if headers.get(b"content-type", b"").startswith(b"text/event-stream"):
             payload = _first_event(body)
             if payload is None and message.get("more_body"):
-                return  # pings only so far
+                if not message.get("body", b"").strip():
+                    return  # nothing yet
+                # A keep-alive comment, so the stream waits (queued in vLLM, whose first event is its
+                # first token): its start goes out now, so that proxies see it alive; an engine's
+                # refusal comes before any wait, so nothing is lost (docs/reliability.md).
+                payload = {}
         else:
             if message.get("more_body"):
                 return
@@ -184,6 +195,12 @@ class Refusal:
             self.done = True
             kept = [(k, v) for k, v in self.start.get("headers") or [] if k.lower() == b"x-request-id"]
             return await respond(self.send, 500, error_body(failure, 500), kept)
+        if isinstance(payload, dict) and payload.get("error") == XINFERENCE_RATE_LIMIT:
+            # Xinference refuses a stream over the model's request_limits in its first event (an error
+            # openai-python cannot read): the 429 a plain request gets, which clients retry.
+            self.done = True
+            kept = [(k, v) for k, v in self.start.get("headers") or [] if k.lower() == b"x-request-id"]
+            return await respond(self.send, 429, error_body(RATE_LIMITED, 429), kept + [(b"retry-after", b"1")])
         refusal = refusal_in(payload, self.policy)
         if refusal:
             self.done = True

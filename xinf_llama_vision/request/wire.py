@@ -6,6 +6,8 @@ one place, and how a checked body carries what Xinference's REST layer would dro
 * Xinference's REST layer passes only known fields on to the model: a request's separate ``images``
   travel inside ``chat_template_kwargs`` under :data:`IMAGES`, and the options it drops (``n``
   everywhere, ``response_format`` from completions) under :data:`CARRIED`.
+* Whose request it is, for the image cache, travels under :data:`SCOPE`: set by the API guard from
+  the request's credential, whatever the client sent there.
 * A refusal found in the model process comes back as the answer ``{REFUSAL_KEY: message}``
   (``engines.common.answer_or_refusal``), which the API process turns into a 400; a request that
   failed in the engine as ``{FAILURE_KEY: message}``, which it turns into a 500 with that message.
@@ -22,6 +24,9 @@ IMAGES = "xinf_llama_vision_images"
 #: The options Xinference's REST layer would drop, inside ``chat_template_kwargs``.
 CARRIED = "xinf_llama_vision_options"
 CARRIED_NAMES = ("n", "response_format")
+#: Whose request it is, for the image cache (a hash of its credential, set by the API guard), inside
+#: ``chat_template_kwargs``: entries are shared only within one scope.
+SCOPE = "xinf_llama_vision_scope"
 #: The key of a model's answer that stands for a :class:`~xinf_llama_vision.errors.RequestError`.
 REFUSAL_KEY = "xinf_llama_vision_refusal"
 #: The key of a model's answer that stands for a :class:`~xinf_llama_vision.errors.RequestFailed`.
@@ -66,3 +71,23 @@ def with_carried(config: Mapping[str, Any]) -> Dict[str, Any]:
     kwargs = config.get("chat_template_kwargs")
     carried = kwargs.get(CARRIED) if isinstance(kwargs, dict) else None
     return {**config, **carried} if isinstance(carried, dict) else dict(config)
+
+
+def carry_scope(body: Dict[str, Any], scope: str) -> Dict[str, Any]:
+    """``body`` with the image cache's ``scope`` where it travels to the model (replacing any the client sent).
+
+    >>> carry_scope({"prompt": "x", "chat_template_kwargs": {SCOPE: "forged"}}, "ab12")["chat_template_kwargs"]
+    {'xinf_llama_vision_scope': 'ab12'}
+    """
+    return _carry(body, SCOPE, scope)
+
+
+def request_scope(config: Mapping[str, Any]) -> str:
+    """The image cache's scope of a request the API guard passed on (``""``: none, one shared scope).
+
+    >>> request_scope({"chat_template_kwargs": {SCOPE: "ab12"}}), request_scope({})
+    ('ab12', '')
+    """
+    kwargs = config.get("chat_template_kwargs")
+    scope = kwargs.get(SCOPE) if isinstance(kwargs, dict) else None
+    return scope if isinstance(scope, str) else ""

@@ -29,7 +29,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ...memory import USABLE, Architecture, activation_bytes, cache_bytes, image_kv_bytes_per_token, kv_bytes_per_token
+from ...memory import USABLE, Architecture, activation_bytes, image_kv_bytes_per_token, kv_bytes_per_token
 
 #: Tokens of growth a joining row must leave room for, so that it is not put back at once.
 JOIN_HEADROOM = 32

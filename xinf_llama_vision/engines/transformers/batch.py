@@ -31,6 +31,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from .admission import held_bytes
+
 KV = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -96,10 +98,41 @@ def prefill_key(inputs) -> Optional[Tuple[int, ...]]:
     return None if pixels is None else tuple(pixels.shape)
 
 
+def image_states(model, group: Sequence[Any], keys: Sequence[Sequence[str]], cache) -> torch.Tensor:
+    """The projector's output for the group's images, ``(rows × images × tiles, patches, hidden)`` as
+    Mllama's language model takes it: from ``cache`` (:class:`.image_cache.ImageCache`) where it holds
+    an image's ``key``, else from one run of the vision tower over the images it lacks (each once,
+    however many rows send it), which the cache then keeps."""
+    found, todo = {}, {}
+    for r, row in enumerate(keys):
+        for i, key in enumerate(row):
+            if key not in found and key not in todo:
+                hit = cache.get(key)
+                if hit is not None:
+                    found[key] = hit
+                else:
+                    todo[key] = (r, i)
+    if todo:
+        def pick(name: str) -> torch.Tensor:
+            return torch.cat([group[r][name][:, i : i + 1] for r, i in todo.values()]).to(model.device)
+
+        vision = model.model.vision_model(pixel_values=pick("pixel_values"), aspect_ratio_ids=pick("aspect_ratio_ids"),
+                                          aspect_ratio_mask=pick("aspect_ratio_mask"))
+        states = model.model.multi_modal_projector(vision.last_hidden_state)  # (images, 1, tiles, patches, hidden)
+        for j, key in enumerate(todo):
+            found[key] = states[j, 0]
+            cache.put(key, states[j, 0])
+    cache.count(hits=sum(len(row) for row in keys) - len(todo), misses=len(todo))
+    return torch.cat([found[key] for row in keys for key in row])
+
+
 @torch.no_grad()
-def prefill(model, group: Sequence[Any]) -> List[Tuple[torch.Tensor, List[KV], int]]:
+def prefill(model, group: Sequence[Any], cache=None, keys: Optional[Sequence[Sequence[str]]] = None,
+            ) -> List[Tuple[torch.Tensor, List[KV], int]]:
     """Prompts of one :func:`prefill_key`, right-padded into one forward pass: for each, ``(float32
     logits of its last token, its cache layers, its length)``, what ``generate``'s first step gives it alone.
+    With an image ``cache`` and each prompt's image ``keys``, the vision tower runs only for images
+    the cache lacks (:func:`image_states`).
 
     Right padding keeps each prompt exactly itself: its tokens come first, so the causal mask hides
     the padding from them, and its image keys are as long as every other row's (same image shape)."""
@@ -118,8 +151,11 @@ def prefill(model, group: Sequence[Any]) -> List[Tuple[torch.Tensor, List[KV], i
     batch = {"input_ids": padded("input_ids", pad_id), "attention_mask": padded("attention_mask")}
     if prefill_key(group[0]) is not None:
         batch["cross_attention_mask"] = padded("cross_attention_mask")
-        for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
-            batch[name] = torch.cat([x[name].to(model.device) for x in group])
+        if cache is not None and keys is not None:
+            batch["cross_attention_states"] = image_states(model, group, keys, cache)
+        else:
+            for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+                batch[name] = torch.cat([x[name].to(model.device) for x in group])
     out = model.model(**batch, past_key_values=DynamicCache(), use_cache=True)
     last = out.last_hidden_state[torch.arange(len(group)), torch.tensor(lengths) - 1]
     logits = model.lm_head(last).to(dtype=torch.float32)
@@ -173,8 +209,6 @@ class DecodeBatch:
 
     def held(self, *more: List[KV]) -> int:
         """Bytes the cache's tensors keep alive (with ``more`` layers: those too, once each), and the peak."""
-        from .admission import held_bytes
-
         tensors = [t for layers in (self._layers(), *more) for kv in layers if kv is not None for t in kv]
         held = held_bytes(tensors)
         self.peak = max(self.peak, held)

@@ -31,11 +31,13 @@ from ...quantization import FORMATS, ON_LOAD, bnb_options, method_of, refusal
 from ...request import CheckedRequest, chat_request, completion_request, launch_int, launch_policy
 from ...request.grammar import Grammars
 from ...request.messages import Prompt
+from ...request.wire import request_scope
 from ...schema import TRANSFORMERS_VERSIONS
 from ..common import (answer_or_refusal, check_memory, checkpoint_sampling, context_length, launched, memory_check_wanted,
                       output_room)
 from . import faults
 from .admission import Budget, default_limit
+from .image_cache import ImageCache, image_keys
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
 from .scheduler import Logprob, Scheduler, Sequence, logger
@@ -58,6 +60,10 @@ def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
 MEMORY_CHECK_CONTEXT = 8192
 #: The launch option that sets the batch cache's memory budget (:mod:`.admission`).
 KV_CACHE_MEMORY = "kv_cache_memory"
+#: The launch option that sets the image cache's memory (:mod:`.image_cache`; ``0``: no image cache).
+IMAGE_CACHE_MEMORY = "image_cache_memory"
+#: The image cache's share of the memory left after the weights, when the launch does not set it.
+IMAGE_CACHE_SHARE = 8
 #: The shortest context a launch may be left with (shorter: the launch fails, saying why).
 MIN_CONTEXT = 256
 
@@ -78,6 +84,12 @@ class _Mllama:
         self._cache_memory = None
         if config.get(KV_CACHE_MEMORY) is not None:
             self._cache_memory = byte_size(config.pop(KV_CACHE_MEMORY), f"launch option {KV_CACHE_MEMORY}")
+        self._image_cache_memory = None
+        if config.get(IMAGE_CACHE_MEMORY) is not None:
+            value = config.pop(IMAGE_CACHE_MEMORY)
+            self._image_cache_memory = 0 if str(value).strip() in ("0", "off") else \
+                byte_size(value, f"launch option {IMAGE_CACHE_MEMORY}")
+        self._images: Optional[ImageCache] = None
         self._policy = launch_policy(self.kind, config, context)
         self._max_num_seqs = launch_int("max_num_seqs", config.get("max_num_seqs"))
         self._check_memory = memory_check_wanted(config)
@@ -136,10 +148,12 @@ class _Mllama:
                          dtype_bytes=dtype_bytes, context_option="--context_length")
         super().load()
         self._budget = self._cache_budget()
+        if self._image_cache_memory:
+            self._images = ImageCache(self._image_cache_memory)
         # Set, ``_batch_scheduler`` tells Xinference that this model batches: it then hands each
         # request's id to chat/generate (``generate_config["request_id"]``) and calls
         # abort_request with it when a client hangs up (or ``POST …/requests/{id}/abort``).
-        self._scheduler = self._batch_scheduler = Scheduler(self._model, self._max_num_seqs, self._budget)
+        self._scheduler = self._batch_scheduler = Scheduler(self._model, self._max_num_seqs, self._budget, self._images)
 
     def _planned_context(self, dtype_bytes: int) -> int:
         """The row the launch check plans for: the context, or what ``--kv_cache_memory`` holds."""
@@ -158,6 +172,11 @@ class _Mllama:
         limit = self._cache_memory
         if limit is None:
             limit = default_limit(self._model, arch, self._policy.max_images, self._max_num_seqs)
+            if self._image_cache_memory is None:  # the image cache's share of what is left
+                self._image_cache_memory = max(limit, 0) // IMAGE_CACHE_SHARE
+                limit -= self._image_cache_memory
+        elif self._image_cache_memory is None:
+            self._image_cache_memory = limit // IMAGE_CACHE_SHARE
         budget = Budget.of(arch, self._model.dtype.itemsize, max(limit, 0))
         images = image_tokens(arch, self._policy.max_images)
         holds = budget.context(images)
@@ -175,8 +194,8 @@ class _Mllama:
                            budget.limit, holds, self._policy.max_images, holds, self._policy.context_length,
                            KV_CACHE_MEMORY)
             self._policy = dataclasses.replace(self._policy, context_length=holds)
-        logger.info("batch cache budget: %d bytes (%s); context %d tokens", budget.limit, where,
-                    self._policy.context_length)
+        logger.info("batch cache budget: %d bytes (%s); context %d tokens; image cache: %d bytes", budget.limit,
+                    where, self._policy.context_length, self._image_cache_memory or 0)
         return budget
 
     async def abort_request(self, request_id: str) -> str:
@@ -221,8 +240,9 @@ class _Mllama:
         return model.eval(), tokenizer
 
     # -- one request ------------------------------------------------------------------
-    def _inputs(self, prompt: Prompt):
-        """Load the images and run the processor (in a worker thread: image decoding is slow)."""
+    def _inputs(self, prompt: Prompt, scope: str = ""):
+        """Load the images and run the processor (in a worker thread: image decoding is slow); with
+        the image cache on, each image's key in it too (``scope``: whose request it is)."""
         injected = faults.requested(prompt.text)
         try:
             faults.check("images", injected)
@@ -235,9 +255,10 @@ class _Mllama:
         try:
             faults.check("processor", injected)
             # Off the device until its prefill: a queued request holds no device memory.
-            return self._processor(
+            inputs = self._processor(
                 images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
             )
+            return inputs, (image_keys(inputs, scope) if self._images is not None else [])
         except Exception as error:
             logger.exception("the image processor failed on a request")
             raise RequestFailed("in the image processor", error) from error
@@ -275,7 +296,7 @@ class _Mllama:
     async def _submit(self, request: CheckedRequest, config: Dict[str, Any]) -> Tuple[Sampling, int, List[Sequence]]:
         """Load the images, and hand the request's choices to the scheduler (one sequence each)."""
         sampling = request.sampling
-        inputs = await asyncio.to_thread(self._inputs, request.prompt)
+        inputs, hashes = await asyncio.to_thread(self._inputs, request.prompt, request_scope(config))
         prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs = self._generate_kwargs(sampling, prompt_tokens)
         loop = asyncio.get_running_loop()
@@ -286,7 +307,8 @@ class _Mllama:
                 grammar = await asyncio.to_thread(self._grammar, sampling.response_format)
             seed = None if sampling.seed is None else sampling.seed + i
             seqs.append(Sequence.create(self._model, inputs, kwargs, loop, seed=seed, top_logprobs=sampling.logprobs,
-                                        constraint=grammar, injected=faults.requested(request.prompt.text)))
+                                        constraint=grammar, injected=faults.requested(request.prompt.text),
+                                        image_hashes=hashes))
         # Rows that ended are forgotten here, so an id no abort came for does not stay.
         self._requests = {key: rows for key, rows in self._requests.items() if any(seq.active for seq in rows)}
         if config.get("request_id") is not None:

@@ -33,6 +33,7 @@ from ...errors import RequestFailed, RequestLeft
 from . import faults
 from .admission import JOIN_HEADROOM, PREFILL_TOKENS, Budget, is_out_of_memory
 from .batch import DecodeBatch, image_keys_mask, prefill, prefill_key, resumed
+from .image_cache import ImageCache
 
 #: Under Xinference's logger, so these lines reach the server's log with its own (model process: INFO).
 logger = logging.getLogger("xinference.model.llm.xinf_llama_vision")
@@ -98,6 +99,8 @@ class Sequence:
     #: Stages where the tests asked this request to fail (:mod:`.faults`; empty outside the tests).
     faults: FrozenSet[str] = frozenset()
     patches: int = 0  # cross-attention keys per tile (the vision model's patches and class token)
+    #: Its images' keys in the image cache (:func:`.image_cache.image_keys`), in prompt order.
+    image_hashes: Tuple[str, ...] = ()
     out: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
     ids: List[int] = field(default_factory=list)  # prompt, then generated
     generated: int = 0
@@ -109,7 +112,7 @@ class Sequence:
     @classmethod
     def create(cls, model, inputs, generate_kwargs: Dict[str, Any], loop: asyncio.AbstractEventLoop,
                seed: Optional[int] = None, top_logprobs: Optional[int] = None, constraint: Any = None,
-               injected: FrozenSet[str] = frozenset()) -> "Sequence":
+               injected: FrozenSet[str] = frozenset(), image_hashes: Tuple[str, ...] = ()) -> "Sequence":
         """One request for ``model``: its processed ``inputs`` and the ``generate`` options it would run with
         (``max_new_tokens`` and ``eos_token_id`` set); with ``seed``, it samples as ``generate`` does after
         ``torch.manual_seed(seed)``, whatever else runs in the batch."""
@@ -121,7 +124,8 @@ class Sequence:
         return cls(inputs=inputs, max_new_tokens=generate_kwargs["max_new_tokens"],
                    stop_ids=set(generate_kwargs["eos_token_id"]), processors=processors, do_sample=do_sample,
                    loop=loop, generator=generator, top_logprobs=top_logprobs, constraint=constraint,
-                   faults=injected, ids=prompt_ids[0].tolist(), patches=model.model.vision_model.num_patches)
+                   faults=injected, ids=prompt_ids[0].tolist(), patches=model.model.vision_model.num_patches,
+                   image_hashes=tuple(image_hashes))
 
     @property
     def image_width(self) -> int:
@@ -211,10 +215,11 @@ class Scheduler:
     """The model's one worker thread and its running batch (at most ``max_num_seqs`` rows, within
     ``budget``'s bytes; ``None``: no memory limit)."""
 
-    def __init__(self, model, max_num_seqs: int, budget: Optional[Budget] = None):
+    def __init__(self, model, max_num_seqs: int, budget: Optional[Budget] = None, images: Optional[ImageCache] = None):
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.budget = budget
+        self.images = images
         self._inbox: "queue.Queue[Optional[Sequence]]" = queue.Queue()
         self._waiting: List[Sequence] = []
         self._running: List[Sequence] = []
@@ -282,6 +287,8 @@ class Scheduler:
             budget = f"of a budget of {self.budget.limit} bytes" if self.budget else "(no memory budget)"
             logger.info("batch cache: peak %d bytes %s; %d rows put back in the queue to stay within it",
                         self._batch.peak, budget, self._requeued)
+            if self.images is not None:
+                logger.info("%s (at most %d bytes)", self.images.stats.line(), self.images.limit)
         self._batch.peak, self._requeued = 0, 0
 
     def _fits(self, rows: List[Sequence], headroom: int) -> bool:
@@ -330,7 +337,10 @@ class Scheduler:
         try:
             for seq in group:
                 faults.check("prefill", seq.faults)
-            return list(zip(group, prefill(self.model, [resumed(seq.inputs, seq.ids) for seq in group])))
+            inputs = [resumed(seq.inputs, seq.ids) for seq in group]
+            keys = [seq.image_hashes for seq in group] if self.images is not None and all(
+                len(seq.image_hashes) for seq in group) else None
+            return list(zip(group, prefill(self.model, inputs, self.images, keys)))
         except Exception as error:
             if len(group) > 1:
                 logger.warning("a prefill of %d requests failed (%s); each alone now", len(group), error)
