@@ -309,7 +309,7 @@ def cache_markdown(r: dict) -> str:
         "Six turns about one 4-tile image, each resending the history (time to first token, ms; a text-only "
         "prompt with the same new question beside it):",
         "",
-        "| turn | image cache on | off | on / off | text-only prompt | on / text-only |",
+        "| turn | caches on | off | on / off | text-only prompt | on / text-only |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for i, (on, off, text) in enumerate(zip(r["cached_turns_ms"], r["uncached_turns_ms"], r["cached_text_only_ms"])):
@@ -319,8 +319,8 @@ def cache_markdown(r: dict) -> str:
         "",
         "| 16 clients, different questions about one new image | tokens/s | median time to first token (ms) | vision tower runs |",
         "|---|---:|---:|---:|",
-        f"| image cache on | {on['tokens_per_s']:.1f} | {on['ttft_ms']:.0f} | {on['vision_runs']} |",
-        f"| image cache off | {off['tokens_per_s']:.1f} | {off['ttft_ms']:.0f} | 16 (one per request) |",
+        f"| caches on | {on['tokens_per_s']:.1f} | {on['ttft_ms']:.0f} | {on['vision_runs']} |",
+        f"| caches off | {off['tokens_per_s']:.1f} | {off['ttft_ms']:.0f} | 16 (one per request) |",
         "",
         f"A miss (a picture never sent before), median time to first token: {r['miss_ttft_ms']['cached']:.0f} ms with "
         f"the cache, {r['miss_ttft_ms']['uncached']:.0f} ms without "

@@ -53,10 +53,12 @@ CONVERSATIONS = {
 }
 
 
-def check_chat(server, uid, reference, messages, images):
-    """The served answer and usage of a greedy chat equal raw transformers'."""
-    expected, prompt_tokens, n = reference.generate(reference.render(messages), images, MAX)
-    reply = ask(server, uid, messages)
+def check_chat(server, uid, reference, messages, images, date=None):
+    """The served answer and usage of a greedy chat equal raw transformers' (rendered on ``date``, the
+    server told the same; default today, on both sides)."""
+    expected, prompt_tokens, n = reference.generate(reference.render(messages, date), images, MAX)
+    on_date = {"extra_body": {"chat_template_kwargs": {"date_string": date}}} if date else {}
+    reply = ask(server, uid, messages, **on_date)
     assert reply.choices[0].message.content == expected
     assert reply.usage.prompt_tokens == prompt_tokens  # the template's ids: no second <|begin_of_text|>
     assert reply.usage.completion_tokens == n

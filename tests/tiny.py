@@ -48,7 +48,7 @@ BENCH_VISION = dict(VISION, hidden_size=128, intermediate_size=512, num_hidden_l
                     attention_heads=4, intermediate_layers_indices=[1], vision_output_dim=256, image_size=112)
 #: The image cache's benchmark checkpoint: :data:`BENCH_TEXT` with a vision tower on 336-pixel tiles
 #: (4 × 577 positions an image), so that one 4-tile image costs about as much more than a 100-token
-#: text prefill as on 11B (≈ 11 : 1 by the architecture's arithmetic; the benchmark measures it: 15 : 1
+#: text prefill as on 11B (≈ 11 : 1 by the architecture's arithmetic; the benchmark measures it: 14 to 16 : 1
 #: on a 2-core Xeon; 448-pixel tiles gave 52 : 1).
 CACHE_VISION = dict(BENCH_VISION, image_size=336)
 GATE = 1.0

@@ -150,7 +150,7 @@ def launch_options_block() -> str:
         ("kv_cache_memory", "Transformers", "what the device has left after the weights ([reliability.md](reliability.md))",
          "memory budget of the running batch's cache (`8GiB`, `512MiB`, bytes): admission, and the context it holds"),
         ("image_cache_memory", "Transformers", "an eighth of what the device has left after the weights ([performance.md](performance.md))",
-         "memory of the image cache (`0`: none): images asked about again run no vision tower"),
+         "memory of the image and prefix caches (`0`: none): pictures and conversations asked about again are not computed again"),
         ("torch_dtype", "Transformers", "bfloat16 on CUDA; Xinference's otherwise (float32 CPU, float16 MPS)", "the weights' dtype"),
         ("quantization_config", "Transformers", "the recipe of [quantization.md](quantization.md)",
          "single bitsandbytes settings for `--quantization 8-bit`/`4-bit`"),

@@ -100,7 +100,7 @@ def prefill_key(inputs) -> Optional[Tuple[int, ...]]:
 
 def image_states(model, group: Sequence[Any], keys: Sequence[Sequence[str]], cache) -> torch.Tensor:
     """The projector's output for the group's images, ``(rows × images × tiles, patches, hidden)`` as
-    Mllama's language model takes it: from ``cache`` (:class:`.image_cache.ImageCache`) where it holds
+    Mllama's language model takes it: from ``cache`` (:class:`.reuse.ReuseCache`) where it holds
     an image's ``key``, else from one run of the vision tower over the images it lacks (each once,
     however many rows send it), which the cache then keeps."""
     found, todo = {}, {}
@@ -172,6 +172,39 @@ def prefill(model, group: Sequence[Any], cache=None, keys: Optional[Sequence[Seq
     return rows
 
 
+def _takes_cache_position(model) -> bool:
+    """Whether this transformers' ``MllamaModel.forward`` is told the new tokens' positions
+    (``cache_position``, 4.x) rather than reading them from the cache (5.x)."""
+    import inspect
+
+    return "cache_position" in inspect.signature(type(model.model).forward).parameters
+
+
+@torch.no_grad()
+def prefill_from(model, inputs, start: int, prefix: List[KV], cache=None, keys: Sequence[str] = ()
+                 ) -> Tuple[torch.Tensor, List[KV], int]:
+    """One prompt whose first ``start`` tokens are already in ``prefix`` (their self-attention keys and
+    values, :meth:`.reuse.ReuseCache.longest_prefix`): only the rest goes through the model, after
+    them. Its images' features come from ``cache`` or the vision tower (:func:`image_states`), and the
+    cross-attention layers compute their keys and values from them for the new tokens (which attend
+    to the images before them, as in a whole prefill). Returns what :func:`prefill` returns for it."""
+    device = model.device
+    ids = inputs["input_ids"][:, start:].to(device)
+    total = start + ids.shape[1]
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones((1, total), dtype=torch.long, device=device),
+              "position_ids": torch.arange(start, total, device=device)[None],
+              "past_key_values": make_cache(prefix), "use_cache": True}
+    if _takes_cache_position(model):  # transformers 4.x: the positions that pick the mask's rows
+        kwargs["cache_position"] = kwargs["position_ids"][0]
+    if prefill_key(inputs) is not None:
+        # The whole prompt's: Mllama picks the rows of the tokens it is given by their positions.
+        kwargs["cross_attention_mask"] = inputs["cross_attention_mask"].to(device)
+        kwargs["cross_attention_states"] = image_states(model, [inputs], [keys], cache)
+    out = model.model(**kwargs)
+    logits = model.lm_head(out.last_hidden_state[:, -1]).to(dtype=torch.float32)
+    return logits[0], cache_layers(out.past_key_values, model.config.text_config.num_hidden_layers), total
+
+
 def _pad(t: torch.Tensor, left: int = 0, right: int = 0) -> torch.Tensor:
     """Zero-pad a ``(batch, heads, length, dim)`` tensor along its length."""
     return torch.nn.functional.pad(t, (0, 0, left, right)) if left or right else t
@@ -213,6 +246,14 @@ class DecodeBatch:
         held = held_bytes(tensors)
         self.peak = max(self.peak, held)
         return held
+
+    def row(self, r: int) -> List[KV]:
+        """Row ``r``'s self-attention keys and values without its padding (views; ``None`` for the
+        cross-attention layers): its :attr:`lengths` tokens, for the prefix cache."""
+        pad, length = self.pads[r], self.lengths[r]
+        return [None if kv is None or i in self.cross_layers else
+                (kv[0][r : r + 1, :, pad : pad + length], kv[1][r : r + 1, :, pad : pad + length])
+                for i, kv in enumerate(self._layers())]
 
     def rollback(self) -> None:
         """After a step that failed half-way: the self-attention layers it had already grown go back

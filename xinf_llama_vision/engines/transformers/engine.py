@@ -37,7 +37,7 @@ from ..common import (answer_or_refusal, check_memory, checkpoint_sampling, cont
                       output_room)
 from . import faults
 from .admission import Budget, default_limit
-from .image_cache import ImageCache, image_keys
+from .reuse import ReuseCache, image_keys
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
 from .scheduler import Logprob, Scheduler, Sequence, logger
@@ -60,7 +60,7 @@ def default_dtype(launch_value: Optional[str], device: str) -> Optional[str]:
 MEMORY_CHECK_CONTEXT = 8192
 #: The launch option that sets the batch cache's memory budget (:mod:`.admission`).
 KV_CACHE_MEMORY = "kv_cache_memory"
-#: The launch option that sets the image cache's memory (:mod:`.image_cache`; ``0``: no image cache).
+#: The launch option that sets the image cache's memory (:mod:`.reuse`; ``0``: no image cache).
 IMAGE_CACHE_MEMORY = "image_cache_memory"
 #: The image cache's share of the memory left after the weights, when the launch does not set it.
 IMAGE_CACHE_SHARE = 8
@@ -89,7 +89,7 @@ class _Mllama:
             value = config.pop(IMAGE_CACHE_MEMORY)
             self._image_cache_memory = 0 if str(value).strip() in ("0", "off") else \
                 byte_size(value, f"launch option {IMAGE_CACHE_MEMORY}")
-        self._images: Optional[ImageCache] = None
+        self._images: Optional[ReuseCache] = None
         self._policy = launch_policy(self.kind, config, context)
         self._max_num_seqs = launch_int("max_num_seqs", config.get("max_num_seqs"))
         self._check_memory = memory_check_wanted(config)
@@ -149,7 +149,7 @@ class _Mllama:
         super().load()
         self._budget = self._cache_budget()
         if self._image_cache_memory:
-            self._images = ImageCache(self._image_cache_memory)
+            self._images = ReuseCache(self._image_cache_memory)
         # Set, ``_batch_scheduler`` tells Xinference that this model batches: it then hands each
         # request's id to chat/generate (``generate_config["request_id"]``) and calls
         # abort_request with it when a client hangs up (or ``POST …/requests/{id}/abort``).
@@ -296,7 +296,8 @@ class _Mllama:
     async def _submit(self, request: CheckedRequest, config: Dict[str, Any]) -> Tuple[Sampling, int, List[Sequence]]:
         """Load the images, and hand the request's choices to the scheduler (one sequence each)."""
         sampling = request.sampling
-        inputs, hashes = await asyncio.to_thread(self._inputs, request.prompt, request_scope(config))
+        scope = request_scope(config)
+        inputs, hashes = await asyncio.to_thread(self._inputs, request.prompt, scope)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs = self._generate_kwargs(sampling, prompt_tokens)
         loop = asyncio.get_running_loop()
@@ -308,7 +309,7 @@ class _Mllama:
             seed = None if sampling.seed is None else sampling.seed + i
             seqs.append(Sequence.create(self._model, inputs, kwargs, loop, seed=seed, top_logprobs=sampling.logprobs,
                                         constraint=grammar, injected=faults.requested(request.prompt.text),
-                                        image_hashes=hashes))
+                                        image_hashes=hashes, scope=scope))
         # Rows that ended are forgotten here, so an id no abort came for does not stay.
         self._requests = {key: rows for key, rows in self._requests.items() if any(seq.active for seq in rows)}
         if config.get("request_id") is not None:

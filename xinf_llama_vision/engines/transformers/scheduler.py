@@ -32,8 +32,8 @@ from ...compat.transformers_generation import sampler
 from ...errors import RequestFailed, RequestLeft
 from . import faults
 from .admission import JOIN_HEADROOM, PREFILL_TOKENS, Budget, is_out_of_memory
-from .batch import DecodeBatch, image_keys_mask, prefill, prefill_key, resumed
-from .image_cache import ImageCache
+from .batch import DecodeBatch, image_keys_mask, prefill, prefill_from, prefill_key, resumed
+from .reuse import ReuseCache, prefix_tokens
 
 #: Under Xinference's logger, so these lines reach the server's log with its own (model process: INFO).
 logger = logging.getLogger("xinference.model.llm.xinf_llama_vision")
@@ -99,8 +99,13 @@ class Sequence:
     #: Stages where the tests asked this request to fail (:mod:`.faults`; empty outside the tests).
     faults: FrozenSet[str] = frozenset()
     patches: int = 0  # cross-attention keys per tile (the vision model's patches and class token)
-    #: Its images' keys in the image cache (:func:`.image_cache.image_keys`), in prompt order.
+    #: Its images' keys in the image cache (:func:`.reuse.image_keys`), in prompt order.
     image_hashes: Tuple[str, ...] = ()
+    #: Whose request it is, for the caches (:func:`.reuse.image_keys`; a hash of its credential).
+    scope: str = ""
+    #: ``(n, layers)``: its prompt's first ``n`` tokens' keys and values, found in the prefix cache.
+    prefix: Any = None
+    answered: bool = False  # ended by its own last token (a stop token or max_tokens), not by a failure
     out: "asyncio.Queue[Any]" = field(default_factory=asyncio.Queue)
     ids: List[int] = field(default_factory=list)  # prompt, then generated
     generated: int = 0
@@ -112,7 +117,8 @@ class Sequence:
     @classmethod
     def create(cls, model, inputs, generate_kwargs: Dict[str, Any], loop: asyncio.AbstractEventLoop,
                seed: Optional[int] = None, top_logprobs: Optional[int] = None, constraint: Any = None,
-               injected: FrozenSet[str] = frozenset(), image_hashes: Tuple[str, ...] = ()) -> "Sequence":
+               injected: FrozenSet[str] = frozenset(), image_hashes: Tuple[str, ...] = (),
+               scope: str = "") -> "Sequence":
         """One request for ``model``: its processed ``inputs`` and the ``generate`` options it would run with
         (``max_new_tokens`` and ``eos_token_id`` set); with ``seed``, it samples as ``generate`` does after
         ``torch.manual_seed(seed)``, whatever else runs in the batch."""
@@ -125,7 +131,7 @@ class Sequence:
                    stop_ids=set(generate_kwargs["eos_token_id"]), processors=processors, do_sample=do_sample,
                    loop=loop, generator=generator, top_logprobs=top_logprobs, constraint=constraint,
                    faults=injected, ids=prompt_ids[0].tolist(), patches=model.model.vision_model.num_patches,
-                   image_hashes=tuple(image_hashes))
+                   image_hashes=tuple(image_hashes), scope=scope)
 
     @property
     def image_width(self) -> int:
@@ -178,7 +184,7 @@ class Sequence:
         self.ids.append(token)
         self.generated += 1
         finish = "stop" if token in self.stop_ids else "length" if self.generated >= self.max_new_tokens else None
-        self.finished = finish is not None
+        self.finished = self.answered = finish is not None
         if self.finished:
             self.inputs = None
         self._send((token, finish, None if logprobs is None else _logprob(logprobs, token, self.top_logprobs)))
@@ -215,11 +221,11 @@ class Scheduler:
     """The model's one worker thread and its running batch (at most ``max_num_seqs`` rows, within
     ``budget``'s bytes; ``None``: no memory limit)."""
 
-    def __init__(self, model, max_num_seqs: int, budget: Optional[Budget] = None, images: Optional[ImageCache] = None):
+    def __init__(self, model, max_num_seqs: int, budget: Optional[Budget] = None, reuse: Optional[ReuseCache] = None):
         self.model = model
         self.max_num_seqs = max_num_seqs
         self.budget = budget
-        self.images = images
+        self.reuse = reuse
         self._inbox: "queue.Queue[Optional[Sequence]]" = queue.Queue()
         self._waiting: List[Sequence] = []
         self._running: List[Sequence] = []
@@ -287,8 +293,8 @@ class Scheduler:
             budget = f"of a budget of {self.budget.limit} bytes" if self.budget else "(no memory budget)"
             logger.info("batch cache: peak %d bytes %s; %d rows put back in the queue to stay within it",
                         self._batch.peak, budget, self._requeued)
-            if self.images is not None:
-                logger.info("%s (at most %d bytes)", self.images.stats.line(), self.images.limit)
+            if self.reuse is not None:
+                logger.info("%s (at most %d bytes)", self.reuse.stats.line(), self.reuse.limit)
         self._batch.peak, self._requeued = 0, 0
 
     def _fits(self, rows: List[Sequence], headroom: int) -> bool:
@@ -320,6 +326,9 @@ class Scheduler:
         groups: Dict[Any, List[List[Sequence]]] = {}
         for seq in admitted:
             try:
+                if self._found_prefix(seq):  # prefilled alone, after its cached prefix
+                    groups[("prefix", id(seq))] = [[seq]]
+                    continue
                 same = groups.setdefault(prefill_key(seq.inputs), [[]])
                 if (len(same[-1]) + 1) * max([len(seq.ids)] + [len(s.ids) for s in same[-1]]) > PREFILL_TOKENS:
                     same.append([])
@@ -337,10 +346,14 @@ class Scheduler:
         try:
             for seq in group:
                 faults.check("prefill", seq.faults)
+            if group[0].prefix is not None:
+                (start, layers), group[0].prefix = group[0].prefix, None
+                return [(group[0], prefill_from(self.model, group[0].inputs, start, layers, self.reuse,
+                                                group[0].image_hashes))]
             inputs = [resumed(seq.inputs, seq.ids) for seq in group]
-            keys = [seq.image_hashes for seq in group] if self.images is not None and all(
+            keys = [seq.image_hashes for seq in group] if self.reuse is not None and all(
                 len(seq.image_hashes) for seq in group) else None
-            return list(zip(group, prefill(self.model, inputs, self.images, keys)))
+            return list(zip(group, prefill(self.model, inputs, self.reuse, keys)))
         except Exception as error:
             if len(group) > 1:
                 logger.warning("a prefill of %d requests failed (%s); each alone now", len(group), error)
@@ -348,6 +361,28 @@ class Scheduler:
             logger.exception("a prefill failed")
             group[0].fail(RequestFailed("in its prefill", error))
             return []
+
+    def _tokens(self, seq: Sequence, n: int):
+        """The first ``n`` of ``seq``'s tokens as the prefix cache knows them."""
+        return prefix_tokens(seq.ids[:n], self.model.config.image_token_index, seq.image_hashes, seq.scope)
+
+    def _found_prefix(self, seq: Sequence) -> bool:
+        """Whether a new request's prompt starts with a cached prefix (kept in ``seq.prefix``)."""
+        if self.reuse is None or seq.generated or len(seq.image_hashes) != seq.ids.count(
+                self.model.config.image_token_index):
+            return False
+        n, layers = self.reuse.longest_prefix(self._tokens(seq, len(seq.ids)))
+        seq.prefix = (n, layers) if layers is not None else None
+        return seq.prefix is not None
+
+    def _keep_prefixes(self, rows: List[int]) -> None:
+        """The answered rows' tokens and keys and values, for the next turn of their conversations."""
+        if self.reuse is None:
+            return
+        for r in rows:
+            seq = self._running[r]
+            if seq.answered and len(seq.image_hashes) == seq.ids.count(self.model.config.image_token_index):
+                self.reuse.put_prefix(self._tokens(seq, self._batch.lengths[r]), self._batch.row(r))
 
     def _join(self, seq: Sequence, logits: torch.Tensor, layers, length: int) -> None:
         """Its next token, then its row into the batch (:meth:`DecodeBatch.add` changes nothing if it fails)."""
@@ -438,6 +473,10 @@ class Scheduler:
         ended = [i for i, seq in enumerate(self._running) if seq.finished]
         if not ended:
             return
+        try:
+            self._keep_prefixes(ended)
+        except Exception:  # a cache is never worth a request: the rows leave all the same
+            logger.exception("the prefixes of %d finished rows could not be kept", len(ended))
         try:
             for i in ended:
                 seq = self._running[i]
