@@ -9,11 +9,11 @@ transformers' ``generate`` (greedy, float32), never from the engine.
 
 from __future__ import annotations
 
-import asyncio
 
 import torch
 
 from parity import BLUE, RED
+from test_scheduler_faults import received
 from xinf_llama_vision.engines.transformers.admission import Budget
 from xinf_llama_vision.engines.transformers.batch import DecodeBatch, image_keys_mask, prefill
 from xinf_llama_vision.engines.transformers.scheduler import Scheduler, Sequence
@@ -56,15 +56,6 @@ def raw(reference, question, images, tokens):
         out = reference.model.generate(**x, max_new_tokens=tokens, do_sample=False, eos_token_id=eot(reference),
                                        pad_token_id=eot(reference))
     return out[0, x["input_ids"].shape[1]:].tolist()
-
-
-def received(loop, s: Sequence):
-    loop.run_until_complete(asyncio.sleep(0))
-    out = []
-    while not s.out.empty():
-        item = s.out.get_nowait()
-        out.append(item if isinstance(item, BaseException) else item[0])
-    return out
 
 
 def run(s: Scheduler, seqs, watch=None):

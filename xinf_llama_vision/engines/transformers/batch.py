@@ -27,6 +27,8 @@ How each row stays exactly itself (the parity the tests check against unbatched 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -172,12 +174,11 @@ def prefill(model, group: Sequence[Any], cache=None, keys: Optional[Sequence[Seq
     return rows
 
 
-def _takes_cache_position(model) -> bool:
+@functools.lru_cache(maxsize=None)
+def _takes_cache_position(mllama_model: type) -> bool:
     """Whether this transformers' ``MllamaModel.forward`` is told the new tokens' positions
-    (``cache_position``, 4.x) rather than reading them from the cache (5.x)."""
-    import inspect
-
-    return "cache_position" in inspect.signature(type(model.model).forward).parameters
+    (``cache_position``, 4.x) rather than reading them from the cache (5.x); asked once per class."""
+    return "cache_position" in inspect.signature(mllama_model.forward).parameters
 
 
 @torch.no_grad()
@@ -194,7 +195,7 @@ def prefill_from(model, inputs, start: int, prefix: List[KV], cache=None, keys: 
     kwargs = {"input_ids": ids, "attention_mask": torch.ones((1, total), dtype=torch.long, device=device),
               "position_ids": torch.arange(start, total, device=device)[None],
               "past_key_values": make_cache(prefix), "use_cache": True}
-    if _takes_cache_position(model):  # transformers 4.x: the positions that pick the mask's rows
+    if _takes_cache_position(type(model.model)):  # transformers 4.x: the positions that pick the mask's rows
         kwargs["cache_position"] = kwargs["position_ids"][0]
     if prefill_key(inputs) is not None:
         # The whole prompt's: Mllama picks the rows of the tokens it is given by their positions.

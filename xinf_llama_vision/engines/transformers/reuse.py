@@ -165,7 +165,7 @@ class ReuseCache:
 
     # -- both --------------------------------------------------------------------------
     def _keep(self, key, value) -> None:
-        size = _size(value if not isinstance(value, list) else [t for kv in value if kv for t in kv])
+        size = _size(value)
         if size > self.limit or key in self._entries:
             return
         while self.stats.bytes + size > self.limit:

@@ -366,10 +366,13 @@ class Scheduler:
         """The first ``n`` of ``seq``'s tokens as the prefix cache knows them."""
         return prefix_tokens(seq.ids[:n], self.model.config.image_token_index, seq.image_hashes, seq.scope)
 
+    def _reusable(self, seq: Sequence) -> bool:
+        """Whether the caches can know ``seq``'s tokens: they are on, and each of its images has a key."""
+        return self.reuse is not None and len(seq.image_hashes) == seq.ids.count(self.model.config.image_token_index)
+
     def _found_prefix(self, seq: Sequence) -> bool:
         """Whether a new request's prompt starts with a cached prefix (kept in ``seq.prefix``)."""
-        if self.reuse is None or seq.generated or len(seq.image_hashes) != seq.ids.count(
-                self.model.config.image_token_index):
+        if seq.generated or not self._reusable(seq):
             return False
         n, layers = self.reuse.longest_prefix(self._tokens(seq, len(seq.ids)))
         seq.prefix = (n, layers) if layers is not None else None
@@ -377,11 +380,9 @@ class Scheduler:
 
     def _keep_prefixes(self, rows: List[int]) -> None:
         """The answered rows' tokens and keys and values, for the next turn of their conversations."""
-        if self.reuse is None:
-            return
         for r in rows:
             seq = self._running[r]
-            if seq.answered and len(seq.image_hashes) == seq.ids.count(self.model.config.image_token_index):
+            if seq.answered and self._reusable(seq):
                 self.reuse.put_prefix(self._tokens(seq, self._batch.lengths[r]), self._batch.row(r))
 
     def _join(self, seq: Sequence, logits: torch.Tensor, layers, length: int) -> None:
