@@ -26,15 +26,21 @@ TOKENS = 8
 
 
 @contextlib.contextmanager
-def vision_runs(model):
-    """Images through the vision tower while inside (counted by a hook on the real vision model)."""
+def vision_runs(model, projections=None):
+    """Images through the vision tower while inside (counted by a hook on the real vision model); with
+    a list ``projections``, the calls of every cross-attention layer's key and value projections too."""
     runs = []
-    hook = model.model.vision_model.register_forward_hook(lambda m, args, kwargs, out: runs.append(
-        kwargs["pixel_values"].shape[0] * kwargs["pixel_values"].shape[1]), with_kwargs=True)
+    hooks = [model.model.vision_model.register_forward_hook(lambda m, args, kwargs, out: runs.append(
+        kwargs["pixel_values"].shape[0] * kwargs["pixel_values"].shape[1]), with_kwargs=True)]
+    if projections is not None:
+        for index in model.config.text_config.cross_attention_layers:
+            attn = model.model.language_model.layers[index].cross_attn
+            hooks += [p.register_forward_hook(lambda *_: projections.append(1)) for p in (attn.k_proj, attn.v_proj)]
     try:
         yield runs
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def make(reference, loop, question, images, scope=""):
@@ -55,13 +61,16 @@ def serve(reference, cache, seqs):
 
 def test_sixteen_questions_about_one_image_run_the_vision_tower_once(reference, loop):
     cache = ReuseCache(limit=1 << 30)
-    with vision_runs(reference.model) as runs:
+    projections = []
+    with vision_runs(reference.model, projections) as runs:
         seqs = [make(reference, loop, q, [RED]) for q in QUESTIONS]
         serve(reference, cache, seqs)
         assert sum(runs) == 1  # one group of 16 rows, one image among them
+        assert len(projections) == 2 * len(reference.model.config.text_config.cross_attention_layers)
         later = [make(reference, loop, q, [RED]) for q in QUESTIONS[:4]]
         serve(reference, cache, later)
         assert sum(runs) == 1  # all cached: no vision tower
+        assert len(projections) == 2 * len(reference.model.config.text_config.cross_attention_layers)  # nor keys
     for seq, q in zip(seqs + later, QUESTIONS + QUESTIONS[:4]):
         assert received(loop, seq) == raw(reference, q, [RED], TOKENS)
     assert (cache.stats.hits, cache.stats.misses, cache.stats.images) == (15 + 4, 1, 1)
@@ -82,6 +91,53 @@ def test_cached_images_come_back_in_their_places(reference, loop):
     answers = [received(loop, seq) for seq in seqs]
     assert answers == [raw(reference, q, images, TOKENS) for q, images in cases]
     assert answers[0] != answers[1]
+
+
+def assert_same_rows(got, want):
+    for (logits, layers, length), (want_logits, want_layers, want_length) in zip(got, want, strict=True):
+        assert length == want_length
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+        for a, b in zip(layers, want_layers, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
+
+
+def test_cached_keys_and_values_compute_what_the_vision_tower_gives(reference):
+    """Numbers, not only tokens: rows whose images' cross-attention keys and values come from the cache
+    (and their first token's self-attention from ``first_token_layers``) get the logits and every layer's
+    keys and values that a prefill through the vision tower gives them (float32), two images in both
+    orders. Fails without the key norm, with a row's images in the wrong order, and with the first
+    token's keys taken from another token (each tried)."""
+    from xinf_llama_vision.engines.transformers.batch import prefill
+
+    model = reference.model
+    group = [inputs_of(reference, "Which is first?", [RED, BLUE]), inputs_of(reference, "Which is first?", [BLUE, RED])]
+    keys = [image_keys(x) for x in group]
+    want = prefill(model, group)  # pixel values through the model, no cache
+    cache = ReuseCache(limit=1 << 30)
+    projections = []
+    with vision_runs(model, projections) as runs:
+        assert_same_rows(prefill(model, group, cache, keys), want)  # computed, kept, then used
+        assert_same_rows(prefill(model, group, cache, keys), want)  # all from the cache
+    assert sum(runs) == 2 and (cache.stats.hits, cache.stats.misses) == (6, 2)
+    assert len(projections) == 2 * len(model.config.text_config.cross_attention_layers)  # once, for both images
+
+
+def test_a_prompt_whose_first_token_sees_an_image_runs_the_vision_tower(reference):
+    """The language model reads cached keys only after a first token: a prompt that starts with its
+    image (no ``<|begin_of_text|>`` before it) is prefilled through the vision tower, exactly."""
+    from xinf_llama_vision.engines.transformers.batch import prefill
+
+    model = reference.model
+    x = reference.inputs("<|image|>What is this?", [RED])
+    assert x["cross_attention_mask"][0, 0].any()
+    cache = ReuseCache(limit=1 << 30)
+    prefill(model, [inputs_of(reference, "Warm.", [RED])], cache, [image_keys(x)])
+    with vision_runs(model) as runs:
+        assert_same_rows(prefill(model, [x], cache, [image_keys(x)]), prefill(model, [x]))
+    assert sum(runs) == 2
 
 
 def test_the_least_recently_used_image_goes_first(reference, loop):
@@ -227,3 +283,48 @@ def test_a_prefill_after_a_cached_prefix_computes_what_a_whole_prefill_computes(
     for a, b in zip(layers, whole):
         torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
+
+
+# -- pictures sent again ------------------------------------------------------------------------
+def test_inputs_from_known_pictures_are_the_processors(reference):
+    """A prompt built from pictures processed one by one before (``reuse.processed``) is exactly what
+    the processor makes of the prompt and its images together: no image, one of 1 or 4 tiles, two in
+    both orders (tile counts differ, so a swapped mask shows)."""
+    from xinf_llama_vision.engines.transformers.reuse import picture, processed
+
+    wide, small = png((200, 30, 30), size=(900, 300)), png((20, 40, 220), size=(100, 100))
+    cases = [("Hello.", []), ("What is this?", [wide]), ("What is this?", [small]), ("Which is first?", [wide, small]),
+             ("Which is first?", [small, wide])]
+    for question, images in cases:
+        if images:
+            text = reference.render([{"role": "user", "content": [{"type": "image"} for _ in images] +
+                                      [{"type": "text", "text": question}]}], "01 Jan 2025")
+        else:
+            text = reference.render([{"role": "user", "content": question}], "01 Jan 2025")
+        want = reference.inputs(text, images)
+        got = processed(reference.processor, text, [picture(reference.processor, im, "s") for im in images])
+        assert sorted(got) == sorted(want.keys())
+        for name in want:
+            assert torch.equal(got[name], want[name]), (question, len(images), name)
+    assert picture(reference.processor, wide, "s").tiles != picture(reference.processor, small, "s").tiles
+
+
+def test_a_picture_sent_again_is_not_processed_again():
+    from xinf_llama_vision.engines.transformers.reuse import KnownPictures
+
+    known = KnownPictures(size=2)
+    made = []
+
+    def get(scope, data):
+        digest, found = known.find(scope, data)
+        if found is None:
+            made.append(data)
+            found = known.keep(digest, object())
+        return found
+
+    a = get("s", b"one")
+    assert get("s", b"one") is a and made == [b"one"]
+    assert get("t", b"one") is not a  # another scope: its own
+    get("s", b"two")  # a third entry: the oldest ("s", "one"),  is gone
+    get("s", b"one")
+    assert made == [b"one", b"one", b"two", b"one"]

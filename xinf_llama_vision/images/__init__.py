@@ -8,6 +8,6 @@ Meta's rule, and how our vLLM model lays out a request's tiles.
 """
 
 from .limits import ImageLimits
-from .load import load_image, load_images
+from .load import decode_image, load_image, load_images, read_images
 
-__all__ = ["ImageLimits", "load_image", "load_images"]
+__all__ = ["ImageLimits", "decode_image", "load_image", "load_images", "read_images"]

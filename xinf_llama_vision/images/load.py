@@ -19,7 +19,7 @@ network :mod:`.fetch`'s.
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from ..errors import ImageError
 from .decode import decode
@@ -65,12 +65,33 @@ def load_image(source: str, limits: Optional[ImageLimits] = None):
 def load_images(sources: Sequence[str], limits: ImageLimits, where: Sequence[str] = ()) -> list:
     """Every source in order, as RGB PIL images; a refusal names where the image was in the request
     (``where``, e.g. ``messages[0].content[1]: …``)."""
-    images = []
+    return [decode_image(data, source, limits, _at(where, k))
+            for k, (source, data) in enumerate(zip(sources, read_images(sources, limits, where)))]
+
+
+def read_images(sources: Sequence[str], limits: ImageLimits, where: Sequence[str] = ()) -> List[bytes]:
+    """Every source's raw bytes, in order, every transport check applied (:func:`read_bytes`), not yet
+    decoded; a refusal names where the image was in the request."""
+    out = []
     for k, source in enumerate(sources):
         try:
-            images.append(load_image(source, limits))
+            out.append(read_bytes(source, limits))
         except ImageError as e:
-            if k >= len(where):
-                raise
-            raise ImageError(f"{where[k]}: {e}") from None
-    return images
+            raise _located(e, _at(where, k)) from None
+    return out
+
+
+def decode_image(data: bytes, source: str, limits: ImageLimits, where: str = ""):
+    """:func:`read_images`' bytes of ``source`` → an RGB PIL image; a refusal names ``where``."""
+    try:
+        return decode(data, source, limits)[0]
+    except ImageError as e:
+        raise _located(e, where) from None
+
+
+def _at(where: Sequence[str], k: int) -> str:
+    return where[k] if k < len(where) else ""
+
+
+def _located(error: ImageError, where: str) -> ImageError:
+    return ImageError(f"{where}: {error}") if where else error

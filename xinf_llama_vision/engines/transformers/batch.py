@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -100,11 +100,29 @@ def prefill_key(inputs) -> Optional[Tuple[int, ...]]:
     return None if pixels is None else tuple(pixels.shape)
 
 
-def image_states(model, group: Sequence[Any], keys: Sequence[Sequence[str]], cache) -> torch.Tensor:
-    """The projector's output for the group's images, ``(rows × images × tiles, patches, hidden)`` as
-    Mllama's language model takes it: from ``cache`` (:class:`.reuse.ReuseCache`) where it holds
-    an image's ``key``, else from one run of the vision tower over the images it lacks (each once,
-    however many rows send it), which the cache then keeps."""
+def cross_keys_values(model, states: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """What each cross-attention layer makes of images' projector output ``states`` ``(images, tiles,
+    patches, hidden)``: its keys and values, ``(images, kv heads, tiles × patches, head dim)`` each, in
+    layer order. The layer's own projections and key norm, as its forward applies them (to 3-D input:
+    bitsandbytes' int8 layers take no other)."""
+    text = model.model.language_model
+    n = states.shape[0]
+    states = states.reshape(-1, *states.shape[-2:])  # (images × tiles, patches, hidden), as Mllama passes them
+    out = []
+    for index in model.config.text_config.cross_attention_layers:
+        attn = text.layers[index].cross_attn
+        keys = attn.k_proj(states).view(n, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+        values = attn.v_proj(states).view(n, -1, attn.num_key_value_heads, attn.head_dim).transpose(1, 2)
+        out.append((attn.k_norm(keys), values))
+    return out
+
+
+def image_kv(model, group: Sequence[Any], keys: Sequence[Sequence[str]], cache) -> Dict[int, KV]:
+    """Each cross-attention layer's keys and values for the group's rows (their images one after the
+    other, as Mllama's language model computes them): from ``cache`` (:class:`.reuse.ReuseCache`)
+    where it holds an image's ``key``, else from one run of the vision tower, the projector and the
+    layers' projections over the images it lacks (each once, however many rows send it), which the
+    cache then keeps."""
     found, todo = {}, {}
     for r, row in enumerate(keys):
         for i, key in enumerate(row):
@@ -121,45 +139,95 @@ def image_states(model, group: Sequence[Any], keys: Sequence[Sequence[str]], cac
         vision = model.model.vision_model(pixel_values=pick("pixel_values"), aspect_ratio_ids=pick("aspect_ratio_ids"),
                                           aspect_ratio_mask=pick("aspect_ratio_mask"))
         states = model.model.multi_modal_projector(vision.last_hidden_state)  # (images, 1, tiles, patches, hidden)
+        layers = cross_keys_values(model, states[:, 0])
         for j, key in enumerate(todo):
-            found[key] = states[j, 0]
-            cache.put(key, states[j, 0])
+            found[key] = [(k[j : j + 1], v[j : j + 1]) for k, v in layers]
+            cache.put(key, found[key])
     cache.count(hits=sum(len(row) for row in keys) - len(todo), misses=len(todo))
-    return torch.cat([found[key] for row in keys for key in row])
+    cross = model.config.text_config.cross_attention_layers
+    return {index: tuple(torch.cat([torch.cat([found[key][n][part] for key in row], dim=2) for row in keys])
+                         for part in (0, 1))
+            for n, index in enumerate(cross)}
+
+
+def first_token_layers(model, token: int) -> List[KV]:
+    """The self-attention keys and values of ``token`` at a prompt's start, where it sees no image (the
+    same in every such prompt, so computed once per model): Meta's cross-attention layers give such a
+    token nothing (docs/fidelity.md), so the model runs without them."""
+    memo = model.__dict__.setdefault("_xlv_first_token", {})
+    if token not in memo:
+        from transformers import DynamicCache
+
+        ids = torch.tensor([[token]], device=model.device)
+        out = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(),
+                          use_cache=True)
+        memo[token] = cache_layers(out.past_key_values, model.config.text_config.num_hidden_layers)
+    return memo[token]
+
+
+def _starts_blind(group: Sequence[Any]) -> bool:
+    """Whether every prompt of the group starts with the same token, and that token sees no image."""
+    first = {int(x["input_ids"][0, 0]) for x in group}
+    return len(first) == 1 and not any(bool(x["cross_attention_mask"][0, 0].any()) for x in group)
 
 
 @torch.no_grad()
 def prefill(model, group: Sequence[Any], cache=None, keys: Optional[Sequence[Sequence[str]]] = None,
-            ) -> List[Tuple[torch.Tensor, List[KV], int]]:
+            start: int = 0, prefix: Optional[List[KV]] = None) -> List[Tuple[torch.Tensor, List[KV], int]]:
     """Prompts of one :func:`prefill_key`, right-padded into one forward pass: for each, ``(float32
     logits of its last token, its cache layers, its length)``, what ``generate``'s first step gives it alone.
-    With an image ``cache`` and each prompt's image ``keys``, the vision tower runs only for images
-    the cache lacks (:func:`image_states`).
+
+    With an image ``cache`` and each prompt's image ``keys``, the images' cross-attention keys and
+    values come from the cache (:func:`image_kv`; the vision tower runs only for images it lacks),
+    and the language model reads them from its cache, as it does for a token after a prompt's first.
+    With ``prefix``, the prompts' first ``start`` tokens are already computed (their self-attention
+    keys and values, the same for every row: :meth:`.reuse.ReuseCache.longest_prefix` for one row,
+    or :func:`first_token_layers`), and only the rest goes through the model, after them.
 
     Right padding keeps each prompt exactly itself: its tokens come first, so the causal mask hides
     the padding from them, and its image keys are as long as every other row's (same image shape)."""
     from transformers import DynamicCache
 
     F = torch.nn.functional
+    device = model.device
+    images = prefill_key(group[0]) is not None
+    from_cache = images and cache is not None and keys is not None
+    if from_cache and prefix is None:
+        if _starts_blind(group):
+            start, prefix = 1, first_token_layers(model, int(group[0]["input_ids"][0, 0]))
+        else:  # the language model reads cached keys only after a first token: the vision tower runs
+            from_cache = False
     lengths = [int(x["input_ids"].shape[1]) for x in group]
     width = max(lengths)
     pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
 
     def padded(name: str, value: int = 0) -> torch.Tensor:
-        rows = [x[name].to(model.device) for x in group]  # queued requests keep theirs off the device
+        rows = [x[name].to(device) for x in group]  # queued requests keep theirs off the device
         # pad the text dimension (1) at its end; the others stay
         return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]), value=value) for t in rows])
 
-    batch = {"input_ids": padded("input_ids", pad_id), "attention_mask": padded("attention_mask")}
-    if prefill_key(group[0]) is not None:
+    batch = {"input_ids": padded("input_ids", pad_id)[:, start:], "attention_mask": padded("attention_mask"),
+             "use_cache": True}
+    layers: List[KV] = [None] * model.config.text_config.num_hidden_layers
+    if prefix is not None:
+        layers = [None if kv is None else (kv[0].expand(len(group), -1, -1, -1), kv[1].expand(len(group), -1, -1, -1))
+                  for kv in prefix]
+        positions = torch.arange(start, width, device=device)
+        batch["position_ids"] = positions[None].expand(len(group), -1)
+        if _takes_cache_position(type(model.model)):  # transformers 4.x: the positions that pick the mask's rows
+            batch["cache_position"] = positions
+    if images:
+        # The whole prompt's: Mllama picks the rows of the tokens it is given by their positions.
         batch["cross_attention_mask"] = padded("cross_attention_mask")
-        if cache is not None and keys is not None:
-            batch["cross_attention_states"] = image_states(model, group, keys, cache)
+        if from_cache:
+            for index, kv in image_kv(model, group, keys, cache).items():
+                layers[index] = kv
         else:
             for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
-                batch[name] = torch.cat([x[name].to(model.device) for x in group])
-    out = model.model(**batch, past_key_values=DynamicCache(), use_cache=True)
-    last = out.last_hidden_state[torch.arange(len(group)), torch.tensor(lengths) - 1]
+                batch[name] = torch.cat([x[name].to(device) for x in group])
+    batch["past_key_values"] = make_cache(layers) if any(kv is not None for kv in layers) else DynamicCache()
+    out = model.model(**batch)
+    last = out.last_hidden_state[torch.arange(len(group)), torch.tensor(lengths) - 1 - start]
     logits = model.lm_head(last).to(dtype=torch.float32)
     text = model.config.text_config
     layers = cache_layers(out.past_key_values, text.num_hidden_layers)
@@ -181,29 +249,12 @@ def _takes_cache_position(mllama_model: type) -> bool:
     return "cache_position" in inspect.signature(mllama_model.forward).parameters
 
 
-@torch.no_grad()
 def prefill_from(model, inputs, start: int, prefix: List[KV], cache=None, keys: Sequence[str] = ()
                  ) -> Tuple[torch.Tensor, List[KV], int]:
     """One prompt whose first ``start`` tokens are already in ``prefix`` (their self-attention keys and
-    values, :meth:`.reuse.ReuseCache.longest_prefix`): only the rest goes through the model, after
-    them. Its images' features come from ``cache`` or the vision tower (:func:`image_states`), and the
-    cross-attention layers compute their keys and values from them for the new tokens (which attend
-    to the images before them, as in a whole prefill). Returns what :func:`prefill` returns for it."""
-    device = model.device
-    ids = inputs["input_ids"][:, start:].to(device)
-    total = start + ids.shape[1]
-    kwargs = {"input_ids": ids, "attention_mask": torch.ones((1, total), dtype=torch.long, device=device),
-              "position_ids": torch.arange(start, total, device=device)[None],
-              "past_key_values": make_cache(prefix), "use_cache": True}
-    if _takes_cache_position(type(model.model)):  # transformers 4.x: the positions that pick the mask's rows
-        kwargs["cache_position"] = kwargs["position_ids"][0]
-    if prefill_key(inputs) is not None:
-        # The whole prompt's: Mllama picks the rows of the tokens it is given by their positions.
-        kwargs["cross_attention_mask"] = inputs["cross_attention_mask"].to(device)
-        kwargs["cross_attention_states"] = image_states(model, [inputs], [keys], cache)
-    out = model.model(**kwargs)
-    logits = model.lm_head(out.last_hidden_state[:, -1]).to(dtype=torch.float32)
-    return logits[0], cache_layers(out.past_key_values, model.config.text_config.num_hidden_layers), total
+    values, :meth:`.reuse.ReuseCache.longest_prefix`): :func:`prefill` of the rest (its images' keys
+    and values from ``cache``). Returns what :func:`prefill` returns for it."""
+    return prefill(model, [inputs], cache, [keys] if cache is not None else None, start, prefix)[0]
 
 
 def _pad(t: torch.Tensor, left: int = 0, right: int = 0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ...catalog import serves
 from ...compat.transformers_mllama import meta_mllama
 from ...errors import RequestError, RequestFailed
 from ...generation import Detokenizer, Sampling, StopText, TokenBytes
-from ...images import ImageLimits, load_images
+from ...images import ImageLimits, decode_image, load_images, read_images
 from ...memory import Architecture, image_tokens
 from ...parsing import byte_size
 from ...quantization import FORMATS, ON_LOAD, bnb_options, method_of, refusal
@@ -37,7 +37,7 @@ from ..common import (answer_or_refusal, check_memory, checkpoint_sampling, cont
                       output_room)
 from . import faults
 from .admission import Budget, default_limit
-from .reuse import ReuseCache, image_keys
+from .reuse import KnownPictures, ReuseCache, picture, processed
 from .penalties import OpenAIPenalties
 from .responses import Choice, Chunks, Entry, chat_completion, completion
 from .scheduler import Logprob, Scheduler, Sequence, logger
@@ -90,6 +90,7 @@ class _Mllama:
             self._image_cache_memory = 0 if str(value).strip() in ("0", "off") else \
                 byte_size(value, f"launch option {IMAGE_CACHE_MEMORY}")
         self._images: Optional[ReuseCache] = None
+        self._known: Optional[KnownPictures] = None  # pictures by the bytes sent (made at load: it has a lock)
         self._policy = launch_policy(self.kind, config, context)
         self._max_num_seqs = launch_int("max_num_seqs", config.get("max_num_seqs"))
         self._check_memory = memory_check_wanted(config)
@@ -150,6 +151,7 @@ class _Mllama:
         self._budget = self._cache_budget()
         if self._image_cache_memory:
             self._images = ReuseCache(self._image_cache_memory)
+            self._known = KnownPictures()
         # Set, ``_batch_scheduler`` tells Xinference that this model batches: it then hands each
         # request's id to chat/generate (``generate_config["request_id"]``) and calls
         # abort_request with it when a client hangs up (or ``POST …/requests/{id}/abort``).
@@ -242,8 +244,11 @@ class _Mllama:
     # -- one request ------------------------------------------------------------------
     def _inputs(self, prompt: Prompt, scope: str = ""):
         """Load the images and run the processor (in a worker thread: image decoding is slow); with
-        the image cache on, each image's key in it too (``scope``: whose request it is)."""
+        the image cache on, each image's key in it too (``scope``: whose request it is), and a picture
+        sent before is taken as the processor made it then (:class:`.reuse.KnownPictures`)."""
         injected = faults.requested(prompt.text)
+        if self._known is not None:
+            return self._known_inputs(prompt, scope, injected)
         try:
             faults.check("images", injected)
             images = load_images(prompt.images, self._limits, prompt.where)
@@ -255,13 +260,34 @@ class _Mllama:
         try:
             faults.check("processor", injected)
             # Off the device until its prefill: a queued request holds no device memory.
-            inputs = self._processor(
-                images=images or None, text=prompt.text, add_special_tokens=False, return_tensors="pt"
-            )
-            return inputs, (image_keys(inputs, scope) if self._images is not None else [])
+            return self._processor(images=images or None, text=prompt.text, add_special_tokens=False,
+                                   return_tensors="pt"), []
         except Exception as error:
             logger.exception("the image processor failed on a request")
             raise RequestFailed("in the image processor", error) from error
+
+    def _known_inputs(self, prompt: Prompt, scope: str, injected):
+        """:meth:`_inputs` with the image cache on: an image is decoded and processed only when its
+        bytes are not known."""
+        stage, log = "while loading its images", "loading a request's images failed"
+        try:
+            faults.check("images", injected)
+            sources, where = prompt.images, prompt.where
+            datas = read_images(sources, self._limits, where)
+            found = [self._known.find(scope, data) for data in datas]
+            images = {k: decode_image(datas[k], sources[k], self._limits, where[k] if k < len(where) else "")
+                      for k, (_, known) in enumerate(found) if known is None}
+            stage, log = "in the image processor", "the image processor failed on a request"
+            faults.check("processor", injected)
+            pictures = [known or self._known.keep(digest, picture(self._processor, images[k], scope))
+                        for k, (digest, known) in enumerate(found)]
+            inputs = processed(self._processor, prompt.text, pictures)  # off the device until its prefill
+            return inputs, [p.key for p in pictures]
+        except RequestError:
+            raise  # the client's to fix: a 400 that says how
+        except Exception as error:
+            logger.exception(log)
+            raise RequestFailed(stage, error) from error
 
     def _generate_kwargs(self, sampling: Sampling, prompt_tokens: int) -> Dict[str, Any]:
         """What ``model.generate`` would be called with for this request (one choice, no grammar)."""

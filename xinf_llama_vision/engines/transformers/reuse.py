@@ -1,29 +1,34 @@
-"""What a request can reuse of earlier ones: its images' features and its prompt's prefix.
+"""What a request can reuse of earlier ones: its pictures, their keys and values, and its prompt's prefix.
 
 People ask several questions about one picture, and every chat client sends the whole history with
 the picture again each turn; many clients ask about one shared screenshot. :class:`ReuseCache`
 keeps, within one memory budget, least recently used out first:
 
-* **images**: what the vision tower and the projector made of each image, ``(tiles, patches,
-  hidden)`` on the model's device, so that a request whose images are all cached runs no vision
-  tower (on 11B about 19 of a 4-tile image's 20 TFLOP; the cross-attention keys and values are
-  computed from the features again, about 0.9 TFLOP);
+* **images**: each cross-attention layer's keys and values of each image (what the vision tower, the
+  projector and the layer's projections make of it, :func:`.batch.image_kv`), so that a request
+  whose images are all cached runs none of them (on 11B about 19 TFLOP in the vision tower and 0.9
+  in the projections per 4-tile image; the keys and values take 4 times the projector output's
+  bytes: 210 MB a 4-tile image in bfloat16);
 * **prefixes**: the self-attention keys and values of finished requests' tokens (prompt and
   answer), so that a later prompt starting with the same tokens and the same images (the next turn
   of a conversation) prefills only what follows (:func:`.batch.prefill_from`).
+
+Apart from that budget, :class:`KnownPictures` keeps what the processor made of the last pictures, by
+the bytes they came from, so that a picture sent again is not decoded, resized and hashed again.
 
 An image is known by a hash of what the model sees of it (:func:`image_keys`): the processor's
 tiles (pixels after resizing and normalising), its aspect-ratio id and tile mask, and the caller's
 scope. The same picture sent as a URL or as a data URI decodes to the same pixels and hits. A
 prefix is known by its tokens, each ``<|image|>`` by its image's key, and the scope. Two scopes
 never share an entry, so a hit tells nobody what someone else sent (docs/performance.md, "Caches
-and privacy"). It is used from the scheduler's thread only; an entry evicted while a prefill uses
+and privacy"). :class:`ReuseCache` is used from the scheduler's thread only; an entry evicted while a prefill uses
 it stays alive for that prefill (the prefill holds the tensor).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
@@ -48,18 +53,89 @@ def image_keys(inputs, scope: str = "") -> List[str]:
     (True, False, 32)
     """
     pixels = inputs.get("pixel_values")
-    if pixels is None:
-        return []
-    keys = []
-    for i in range(pixels.shape[1]):
-        h = hashlib.blake2b(digest_size=16)
-        h.update(scope.encode())
-        for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
-            part = inputs[name][0, i].contiguous().cpu()
-            h.update(str((name, part.dtype, tuple(part.shape))).encode())
-            h.update(part.numpy().tobytes())
-        keys.append(h.hexdigest())
-    return keys
+    return [] if pixels is None else [image_key(inputs, i, scope) for i in range(pixels.shape[1])]
+
+
+def image_key(inputs, i: int, scope: str) -> str:
+    """The key of a processed prompt's image ``i`` (:func:`image_keys`)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(scope.encode())
+    for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        part = inputs[name][0, i].contiguous().cpu()
+        h.update(str((name, part.dtype, tuple(part.shape))).encode())
+        h.update(part.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Picture:
+    """What the processor made of one image: its tiles ``(1, 1, tiles, 3, H, W)``, aspect-ratio id
+    ``(1, 1)`` and tile mask ``(1, 1, tiles)``, its number of real tiles, and its key (:func:`image_keys`)."""
+
+    pixel_values: torch.Tensor
+    aspect_ratio_ids: torch.Tensor
+    aspect_ratio_mask: torch.Tensor
+    tiles: int
+    key: str
+
+
+def picture(processor, image, scope: str) -> Picture:
+    """One decoded image through ``processor``'s image processor, and its key."""
+    parts = processor.image_processor(images=[[image]], return_tensors="pt")
+    names = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+    return Picture(*(parts[name] for name in names), int(parts["num_tiles"][0][0]), image_key(parts, 0, scope))
+
+
+def processed(processor, text: str, pictures: Sequence[Picture]):
+    """What ``processor(images=…, text=text, add_special_tokens=False, return_tensors="pt")`` returns,
+    from pictures it processed before: the text's tokens, the pictures one after the other, and the
+    cross-attention mask by transformers' own functions (each ``<|image|>`` sees its tiles, as
+    Mllama's processor builds it; ``tests/test_reuse.py`` checks it equals the processor's)."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    inputs = dict(processor.tokenizer(text, add_special_tokens=False, return_tensors="pt"))
+    if not pictures:
+        return inputs
+    ids = inputs["input_ids"][0].tolist()
+    mask = convert_sparse_cross_attention_mask_to_dense(
+        [get_cross_attention_token_mask(ids, processor.image_token_id)], num_tiles=[[p.tiles for p in pictures]],
+        max_num_tiles=processor.image_processor.max_image_tiles, length=len(ids))
+    inputs["cross_attention_mask"] = torch.from_numpy(mask)
+    for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        inputs[name] = torch.cat([getattr(p, name) for p in pictures], dim=1)
+    return inputs
+
+
+class KnownPictures:
+    """The pictures of the last ``size`` images by the bytes they were decoded from (and the scope): a
+    picture sent again (every turn of a chat client resends it) is neither decoded, nor resized, nor
+    hashed again, since the same bytes make the same tiles under one model's processor. Host memory:
+    ``size`` pictures of 4 tiles (15 MB each on 11B). Thread-safe: prompts are processed in worker threads."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._pictures: "OrderedDict[Tuple[str, bytes], Picture]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def find(self, scope: str, data: bytes) -> Tuple[Tuple[str, bytes], Optional[Picture]]:
+        """``(digest, picture)`` of the image whose bytes are ``data``; ``picture`` is ``None`` when unknown."""
+        digest = (scope, hashlib.blake2b(data, digest_size=16).digest())
+        with self._lock:
+            found = self._pictures.get(digest)
+            if found is not None:
+                self._pictures.move_to_end(digest)
+        return digest, found
+
+    def keep(self, digest: Tuple[str, bytes], found: Picture) -> Picture:
+        """Know ``found`` by ``digest`` (:meth:`find`'s) from now on; returns it."""
+        with self._lock:
+            self._pictures[digest] = found
+            while len(self._pictures) > self.size:
+                self._pictures.popitem(last=False)
+        return found
 
 
 def prefix_tokens(ids: Sequence[int], image_token: int, images: Sequence[str], scope: str) -> Tokens:
@@ -109,7 +185,7 @@ class Stats:
 
 
 class ReuseCache:
-    """Image features and prompt prefixes, at most ``limit`` bytes together, least recently used out first."""
+    """Images' keys and values and prompt prefixes, at most ``limit`` bytes together, least recently used out first."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -117,8 +193,8 @@ class ReuseCache:
         self._entries: "OrderedDict[Any, Tuple[Any, int]]" = OrderedDict()
 
     # -- images ------------------------------------------------------------------------
-    def get(self, key: str) -> Optional[torch.Tensor]:
-        """The features of the image ``key``, or ``None``."""
+    def get(self, key: str) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """The cross-attention layers' ``(keys, values)`` of the image ``key``, or ``None``."""
         found = self._entries.get(("image", key))
         if found is None:
             return None
@@ -130,9 +206,10 @@ class ReuseCache:
         self.stats.hits += hits
         self.stats.misses += misses
 
-    def put(self, key: str, features: torch.Tensor) -> None:
-        """Keep an image's ``features`` (a copy, so that the batch's tensors are not held)."""
-        self._keep(("image", key), features.detach().clone())
+    def put(self, key: str, layers: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep an image's cross-attention ``layers`` (copies, so that the batch's tensors are not held)."""
+        self._keep(("image", key), [tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in kv)
+                                    for kv in layers])
 
     # -- prefixes ----------------------------------------------------------------------
     def longest_prefix(self, tokens: Tokens) -> Tuple[int, Optional[List[Any]]]:
