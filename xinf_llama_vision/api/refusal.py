@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 from starlette.responses import Response
 
 from ..compat.xinference_api import wrap_send
-from ..request.wire import FAILURE_KEY, REFUSAL_KEY
+from ..request.wire import ACCEPTED_KEY, FAILURE_KEY, REFUSAL_KEY
 from ..request import Policy
 from .asgi import respond
 
@@ -134,6 +134,19 @@ def _first_event(body: bytes) -> Optional[Any]:
     return None
 
 
+def _announced(body: bytes) -> bytes:
+    r"""``body`` with its first event, the acceptance marker (:func:`~xinf_llama_vision.engines.common.announced`),
+    as the comment ``: accepted``: clients skip comments, proxies see bytes.
+
+    >>> _announced(b': ping\r\n\r\ndata: {"xinf_llama_vision_accepted": true}\r\n\r\ndata: {}\r\n\r\n')
+    b': ping\r\n\r\n: accepted\r\n\r\ndata: {}\r\n\r\n'
+    """
+    lines = body.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith(b"data:"))
+    lines[at] = b": accepted" + lines[at][len(lines[at].rstrip(b"\r\n")):]
+    return b"".join(lines)
+
+
 def watch(response, policy: Policy):
     """``response``, sent through :class:`Refusal` (the same object and class to Xinference's route
     code: :func:`~xinf_llama_vision.compat.xinference_api.wrap_send`)."""
@@ -149,7 +162,8 @@ class Refusal:
     Xinference's 400, or a stream's first event with the error. Each becomes our 400. A request
     that failed in the engine comes back under :data:`~xinf_llama_vision.request.wire.FAILURE_KEY`
     and becomes a 500 with the engine's message (Xinference would say only that it failed). The start
-    of every other answer is only held until its body (or a stream's first event) has come.
+    of every other answer is only held until its body (or a stream's first event) has come; a stream
+    led by :data:`~xinf_llama_vision.request.wire.ACCEPTED_KEY` starts on it, the marker sent as a comment.
     """
 
     def __init__(self, send, policy: Policy):
@@ -190,6 +204,12 @@ class Refusal:
                     payload = json.loads(body)
                 except ValueError:
                     pass
+        if isinstance(payload, dict) and payload.get(ACCEPTED_KEY) is True:
+            # The model process says the stream passed every check and waits for its first output:
+            # its start goes out now, the marker as a comment.
+            start, self.start, self.held = self.start, None, []
+            await self.send(start)
+            return await self.send({"type": "http.response.body", "body": _announced(body), "more_body": True})
         failure = payload.get(FAILURE_KEY) if isinstance(payload, dict) else None
         if isinstance(failure, str):  # one request failed in the engine: a 500 that says so
             self.done = True

@@ -4,9 +4,11 @@ the client as a 400."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
-from typing import Any, Awaitable, Dict, Optional
+from typing import Any, AsyncIterator, Awaitable, Dict, Optional
 
 from xinference.model.llm.llm_family import LLMFamilyV2
 
@@ -19,15 +21,17 @@ from ..errors import RequestError, RequestFailed
 from ..memory import Architecture, check_fit, estimate
 from ..parsing import switch
 from ..request import Policy, launch_int
-from ..request.wire import FAILURE_KEY, POLICY_KEY, REFUSAL_KEY
+from ..request.wire import ACCEPTED_KEY, FAILURE_KEY, POLICY_KEY, REFUSAL_KEY
 
 
-async def answer_or_refusal(answer: Awaitable[Any], stream: bool) -> Any:
+async def answer_or_refusal(answer: Awaitable[Any], stream: bool, announce: bool = False) -> Any:
     """``answer``; a :class:`RequestError` becomes ``{REFUSAL_KEY: message}`` (the first and only
     chunk of a stream), which the API guard answers with a 400 (Xinference would hide the message
-    behind a 500); a :class:`RequestFailed`, ``{FAILURE_KEY: message}``, the guard's 500 with it."""
+    behind a 500); a :class:`RequestFailed`, ``{FAILURE_KEY: message}``, the guard's 500 with it.
+    ``announce``: a stream comes through :func:`announced` (for an engine whose first chunk is its
+    first token)."""
     try:
-        return await answer
+        result = await answer
     except (RequestError, RequestFailed) as e:
         refusal: Dict[str, str] = {REFUSAL_KEY if isinstance(e, RequestError) else FAILURE_KEY: str(e)}
         if not stream:
@@ -37,6 +41,49 @@ async def answer_or_refusal(answer: Awaitable[Any], stream: bool) -> Any:
             yield refusal
 
         return one_chunk()
+    return announced(result) if announce and inspect.isasyncgen(result) else result
+
+
+#: How long a stream's first chunk may take before :func:`announced` says the stream is accepted.
+ANNOUNCE_AFTER = 0.25
+
+
+async def announced(chunks: AsyncIterator[Any], after: float = ANNOUNCE_AFTER) -> AsyncIterator[Any]:
+    """``chunks``, led by ``{ACCEPTED_KEY: True}`` when the first chunk takes longer than ``after``
+    seconds (a request queued in vLLM, whose first chunk is its first token). The API guard holds a
+    stream's headers until its first event, to turn a refusal into a 400. Every check of ours is
+    done before this stream exists, so on the marker the guard sends the headers and a comment
+    (``api/refusal.py``), and the client and its proxies see the stream alive at once. A first chunk
+    (or vLLM's own refusal) within ``after`` comes first as before.
+
+    >>> async def slow():
+    ...     await asyncio.sleep(0.05)
+    ...     yield {"choices": []}
+    >>> async def read(chunks):
+    ...     return [chunk async for chunk in chunks]
+    >>> asyncio.run(read(announced(slow(), after=0.01)))
+    [{'xinf_llama_vision_accepted': True}, {'choices': []}]
+    >>> asyncio.run(read(announced(slow(), after=5)))
+    [{'choices': []}]
+    """
+    first = asyncio.ensure_future(chunks.__anext__())
+    try:
+        if not (await asyncio.wait({first}, timeout=after))[0]:
+            yield {ACCEPTED_KEY: True}
+        try:
+            chunk = await first
+        except StopAsyncIteration:
+            return
+        yield chunk
+        async for chunk in chunks:
+            yield chunk
+    finally:  # a client that hangs up while the first chunk is awaited: that wait ends, then the stream
+        if not first.done():
+            first.cancel()
+            await asyncio.wait({first})
+        if not first.cancelled():
+            first.exception()  # retrieved, so that asyncio does not log it as never retrieved
+        await chunks.aclose()
 
 
 class LaunchedFamily(LLMFamilyV2):

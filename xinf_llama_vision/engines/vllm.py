@@ -436,7 +436,7 @@ class _MllamaVLLM:
         if not isinstance(prompt, str):  # our chat's input, from async_chat
             return await super().async_generate(prompt, generate_config, tools, request_id=request_id)
         return await answer_or_refusal(self._completion(prompt, generate_config, request_id),
-                                       bool((generate_config or {}).get("stream")))
+                                       bool((generate_config or {}).get("stream")), announce=True)
 
     async def _completion(self, prompt: str, generate_config: Optional[Dict], request_id: Optional[str]):
         """A raw completion request (both families)."""
@@ -478,7 +478,8 @@ class MllamaVLLMChatModel(_MllamaVLLM, VLLMMultiModel):
 
     async def async_chat(self, messages, generate_config=None, request_id=None):
         stream = bool((generate_config or {}).get("stream"))
-        return await answer_or_refusal(super().async_chat(messages, generate_config, request_id=request_id), stream)
+        return await answer_or_refusal(super().async_chat(messages, generate_config, request_id=request_id), stream,
+                                       announce=True)
 
     async def _prepare_chat_inputs(self, messages: List[Dict], generate_config: Optional[Dict]):
         config = dict(generate_config or {})

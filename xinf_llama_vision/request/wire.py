@@ -11,6 +11,9 @@ one place, and how a checked body carries what Xinference's REST layer would dro
 * A refusal found in the model process comes back as the answer ``{REFUSAL_KEY: message}``
   (``engines.common.answer_or_refusal``), which the API process turns into a 400; a request that
   failed in the engine as ``{FAILURE_KEY: message}``, which it turns into a 500 with that message.
+* A vLLM stream whose first output is slow to come (queued) is led by ``{ACCEPTED_KEY: True}``
+  (``engines.common.announced``): the API process sends the stream's headers on it, and a comment
+  in its place.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ SCOPE = "xinf_llama_vision_scope"
 REFUSAL_KEY = "xinf_llama_vision_refusal"
 #: The key of a model's answer that stands for a :class:`~xinf_llama_vision.errors.RequestFailed`.
 FAILURE_KEY = "xinf_llama_vision_failure"
+#: The key of a stream's first chunk that says only "accepted, past every check, waiting for its first output".
+ACCEPTED_KEY = "xinf_llama_vision_accepted"
 
 
 def carry_images(body: Dict[str, Any], images: List[str]) -> Dict[str, Any]:
