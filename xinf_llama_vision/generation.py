@@ -13,6 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import RequestError
 
+#: The logprob reported for a token that cannot come (-inf has no JSON), as OpenAI and vLLM report it.
+IMPOSSIBLE = -9999.0
+
 
 #: The most choices one request may ask for (``n``), and the most alternatives per token (``top_logprobs``).
 MAX_N = 16

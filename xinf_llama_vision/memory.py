@@ -41,6 +41,15 @@ GPU_COUNTS: Tuple[int, ...] = (1, 2, 4, 8)
 RUNTIME_RESERVE = 1 << 30
 
 
+def tile_tokens(image_size: int, patch_size: int) -> int:
+    """Image tokens one tile gives every cross-attention layer: its patches and a class token.
+
+    >>> tile_tokens(560, 14), tile_tokens(112, 14)
+    (1601, 65)
+    """
+    return (image_size // patch_size) ** 2 + 1
+
+
 @dataclass(frozen=True)
 class Architecture:
     """The shapes that decide Mllama's parameter count and cache sizes."""
@@ -69,12 +78,12 @@ class Architecture:
 
     @property
     def tokens_per_tile(self) -> int:
-        """Image tokens one tile gives every cross-attention layer (patches and a class token).
+        """:func:`tile_tokens` of this architecture.
 
         >>> ARCHITECTURES[11].tokens_per_tile
         1601
         """
-        return (self.image_size // self.patch_size) ** 2 + 1
+        return tile_tokens(self.image_size, self.patch_size)
 
     @classmethod
     def from_config(cls, config: Mapping) -> "Architecture":

@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - Xinference 4.0
     ContextLengthExceeded = ValueError
 
 from ..errors import RequestError, RequestFailed
-from ..memory import Architecture, check_fit, estimate
+from ..memory import Architecture, check_fit, estimate, tile_tokens
 from ..parsing import switch
 from ..request import Policy, launch_int
 from ..request.wire import ACCEPTED_KEY, FAILURE_KEY, POLICY_KEY, REFUSAL_KEY
@@ -121,7 +121,7 @@ def image_positions(model_path: str) -> int:
     (4 × 1,601 on the real checkpoints)."""
     vision = checkpoint_config(model_path).get("vision_config") or {}
     tiles, size, patch = vision.get("max_num_tiles", 4), vision.get("image_size", 560), vision.get("patch_size", 14)
-    return tiles * ((size // patch) ** 2 + 1)
+    return tiles * tile_tokens(size, patch)
 
 
 def tile_count(height: int, width: int, max_tiles: int, tile_size: int) -> int:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
+from ..generation import IMPOSSIBLE
+
 #: The legacy logprobs' extra key, between our hooks only: :func:`position_entries` of each choice.
 KEY = "xlv_entries"
-#: A logprob too small for JSON's numbers (-inf) reads as OpenAI and vLLM report it.
-IMPOSSIBLE = -9999.0
 Piece = Callable[[int], Tuple[str, bytes]]
 
 

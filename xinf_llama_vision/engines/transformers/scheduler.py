@@ -30,6 +30,7 @@ import torch
 
 from ...compat.transformers_generation import sampler
 from ...errors import RequestFailed, RequestLeft
+from ...generation import IMPOSSIBLE
 from . import faults
 from .admission import JOIN_HEADROOM, PREFILL_TOKENS, Budget, is_out_of_memory
 from .batch import DecodeBatch, image_keys_mask, prefill, prefill_from, prefill_key, resumed
@@ -65,10 +66,6 @@ def release_memory(model) -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-#: The logprob reported for a token the request's format forbids (-inf has no JSON), as OpenAI and vLLM report it.
-IMPOSSIBLE = -9999.0
 
 
 def _logprob(logprobs: torch.Tensor, token: int, top: int) -> Logprob:
