@@ -12,6 +12,7 @@ first token, 4.2 and 4.6 seconds late: tried. Run on vLLM's V0 engine: in the V1
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -66,7 +67,5 @@ def test_a_queued_stream_gets_its_headers_at_once_and_its_solo_answer(server, on
     assert response.status_code == 200 and headers_after < 3, (headers_after, lines[:3])
     assert lines[0][1] == ": accepted", lines[:3]
     assert data[0][0] > headers_after + 2, f"the answer ahead ended too soon to test the wait: {data[0][0]}"
-    import json
-
     streamed = "".join(text_of(route, json.loads(d)) for _, d in data if d != "[DONE]")
     assert streamed == text_of(route, alone) and streamed, (streamed, alone)

@@ -205,11 +205,10 @@ class Refusal:
                 except ValueError:
                     pass
         if isinstance(payload, dict) and payload.get(ACCEPTED_KEY) is True:
-            # The model process says the stream passed every check and waits for its first output:
-            # its start goes out now, the marker as a comment.
-            start, self.start, self.held = self.start, None, []
-            await self.send(start)
-            return await self.send({"type": "http.response.body", "body": _announced(body), "more_body": True})
+            # The model process says the stream passed every check and waits for its first output: no
+            # refusal below matches it, so its start goes out now (the release at the end), the marker
+            # as a comment.
+            self.held = [{"type": "http.response.body", "body": _announced(body), "more_body": True}]
         failure = payload.get(FAILURE_KEY) if isinstance(payload, dict) else None
         if isinstance(failure, str):  # one request failed in the engine: a 500 that says so
             self.done = True
